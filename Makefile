@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the main job on the embedded default
+#   make test   set up .venv and run the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the project so that the project's torch range installs nothing more.
+# On a CUDA machine: make TORCH_SPEC="torch==2.13.0" TORCH_INDEX=<your wheel index> ...
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/python -m pip
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/fedsrd demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

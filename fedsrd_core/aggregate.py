@@ -1,0 +1,327 @@
+"""Server-side aggregation in factored form (FedSRD Sec. 3.3, Eqs. 9-13).
+
+For one module with global factors ``A`` (``r x d_in``), ``B`` (``d_out x r``) and ``m``
+client updates ``(dA_i, dB_i)`` with weights ``w_i`` (``sum w_i = 1``), the aggregate of
+Eq. 9 is ``W = sum_i w_i B_i A_i`` with ``B_i = B + dB_i`` and ``A_i = A + dA_i``.
+
+No ``d_out x d_in`` matrix is ever formed. With ``dB_bar = sum w_i dB_i``,
+``dA_bar = sum w_i dA_i``, ``B~ = B + dB_bar`` and ``A~ = A + dA_bar``, the weighted
+covariance identity gives exactly::
+
+    W - B A = dB_bar A + B~ dA_bar + sum_{i<m} E_i G_i                              (*)
+    W       = B~ A~               + sum_{i<m} E_i G_i
+    E_i = w_i (dB_i - dB_bar)   (d_out x r),      G_i = dA_i - dA_m   (r x d_in)
+
+(use ``sum_i w_i (dB_i - dB_bar) = 0`` to fold the m-th term into the others). So
+``W = L_W R_W`` with ``L_W = [B~, E_1..E_{m-1}]`` (``d_out x m r``) and
+``R_W = [A~; G_1..G_{m-1}]`` (``m r x d_in``), and the target of Eqs. 11-13 is
+``T = W_r - B A = (W - B A) - W_perp`` where ``W_perp = W - W_r`` is the part of ``W``
+beyond its best rank-``r`` approximation (Eq. 10; zero for FedSRD-e). Writing ``T`` through
+the small differences of (*) instead of as ``W_r - B A`` avoids the cancellation that costs
+the dense fp32 path its accuracy once the updates are small against ``B A``.
+
+``W_perp`` comes from a Cholesky-QR of both factors (column-scaled Gram matrices, an
+eigendecomposition fallback when they are rank deficient or ill-conditioned) and the SVD of
+an ``m r x m r`` core. Every product is thin: ``O((d_out + d_in) (m r)^2)`` time and
+``O((d_out + d_in) m r)`` memory per module, against ``O(d_out d_in min(d_out, d_in))`` and
+``O(d_out d_in)`` for the dense path in :mod:`fedsrd_core.reference`.
+
+All inputs and outputs are float32 on any device; small ``(m r)``-sized matrices are
+handled in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Factor = Literal["A", "B"]
+Weighting = Literal["uniform", "samples"]
+
+_EPS32 = float(torch.finfo(torch.float32).eps)
+_EPS64 = float(torch.finfo(torch.float64).eps)
+# Cholesky-QR on a float32 Gram loses about eps32 * ||U^-1||_2^2 of orthogonality (bounded
+# here by the Frobenius norm, i.e. eps32 * sum(1 / lambda_i)); above this the Gram is rebuilt
+# in float64 and factored by eigendecomposition instead.
+_CHOLQR_MAX_ORTHO_ERR = 1e-4
+
+
+def aggregation_weights(num_samples: Sequence[int], mode: Weighting = "uniform") -> list[float]:
+    """Client weights ``w_i`` summing to 1: ``1/m`` (paper) or proportional to samples."""
+    m = len(num_samples)
+    if m == 0:
+        raise ValueError("no client updates to aggregate")
+    if mode == "uniform":
+        return [1.0 / m] * m
+    if mode == "samples":
+        if any(n < 0 for n in num_samples) or sum(num_samples) <= 0:
+            raise ValueError(f"sample counts must be >= 0 with a positive sum, got {num_samples}")
+        total = float(sum(num_samples))
+        return [n / total for n in num_samples]
+    raise ValueError(f"`weighting` must be 'uniform' or 'samples', got {mode!r}")
+
+
+def update_parity(round_: int) -> Factor:
+    """The factor a round updates (Eqs. 11-13): ``B`` on odd rounds (round 1 first), else ``A``.
+
+    Counting from 1 and starting with ``B`` matters: in round 1 ``B`` is still zero, so
+    ``pinv(B) = 0`` and an ``A`` update would be a no-op.
+    """
+    if round_ < 1:
+        raise ValueError(f"rounds count from 1, got {round_}")
+    return "B" if round_ % 2 == 1 else "A"
+
+
+def _pinv_gram(X: torch.Tensor, *, rtol: float | None = None) -> torch.Tensor:
+    """``(X X^T)^+`` (float64, ``s x s``) for a wide ``s x d`` matrix ``X``.
+
+    Singular values of ``X`` at or below ``rtol * sigma_max`` count as zero, with
+    ``rtol = max(s, d) * eps(float32)`` by default, the threshold ``torch.linalg.pinv`` uses
+    for a float32 matrix. Since ``X^+ = X^T (X X^T)^+``, products with ``X^+`` need only this
+    ``s x s`` matrix. The Gram is accumulated in float64 (float32 products are exact there),
+    so squaring the condition number costs nothing at float32 accuracy.
+    """
+    s, d = X.shape
+    X64 = X.to(torch.float64)
+    G = X64 @ X64.T
+    lam, V = torch.linalg.eigh(G)
+    tol = (rtol if rtol is not None else max(s, d) * _EPS32) ** 2 * lam.max().clamp_min(0)
+    inv = torch.where(lam > tol, 1.0 / lam, torch.zeros_like(lam))
+    if bool((lam.max() <= 0).item()):
+        inv = torch.zeros_like(lam)
+    return (V * inv) @ V.T
+
+
+def right_pinv_product(Y: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``Y @ pinv(A)`` for ``Y`` (``n x d_in``) and a wide ``A`` (``r x d_in``); float32 out.
+
+    Uses ``pinv(A) = A^T (A A^T)^+``; cost ``O(n r d_in)``, nothing ``d_in x d_in``.
+    """
+    return ((Y @ A.T).to(torch.float64) @ _pinv_gram(A)).to(Y.dtype)
+
+
+def left_pinv_product(B: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``pinv(B) @ Y`` for a tall ``B`` (``d_out x r``) and ``Y`` (``d_out x n``); float32 out."""
+    return (_pinv_gram(B.T) @ (B.T @ Y).to(torch.float64)).to(Y.dtype)
+
+
+@dataclass(frozen=True)
+class _GramFactor:
+    """For ``X`` (``n x k``): ``Q = X @ M`` has orthonormal columns and ``X = Q @ N``."""
+
+    M: torch.Tensor  # k x k', float64
+    N: torch.Tensor  # k' x k, float64
+    method: Literal["cholesky", "eigh"]
+
+
+def _orthonormal_factor(X: torch.Tensor) -> _GramFactor:
+    """Cholesky-QR of a column-scaled ``X`` (``n x k``, float32), without forming ``Q``.
+
+    Fast path: float32 Gram ``X^T X``, Cholesky ``U^T U`` in float64, ``M = U^-1``,
+    ``N = U``. When the Gram is singular or too ill-conditioned for float32 (estimated
+    orthogonality loss ``eps32 * ||U^-1||_F^2`` above 1e-4), fall back to a float64 Gram
+    and its eigendecomposition, dropping directions whose squared singular value is below
+    ``1e4 * k * eps64`` of the largest: ``M = V L^-1/2``, ``N = L^1/2 V^T``.
+    """
+    k = X.shape[1]
+    G32 = (X.T @ X).to(torch.float64)
+    U, info = torch.linalg.cholesky_ex(G32, upper=True)
+    if int(info.item()) == 0:
+        eye = torch.eye(k, dtype=torch.float64, device=X.device)
+        Minv = torch.linalg.solve_triangular(U, eye, upper=True)
+        if _EPS32 * float(Minv.square().sum()) < _CHOLQR_MAX_ORTHO_ERR:
+            return _GramFactor(Minv, U, "cholesky")
+    X64 = X.to(torch.float64)
+    lam, V = torch.linalg.eigh(X64.T @ X64)
+    keep = lam > 1e4 * k * _EPS64 * lam.max().clamp_min(0)
+    lam, V = lam[keep], V[:, keep]
+    root = lam.sqrt()
+    return _GramFactor(V / root, root.unsqueeze(1) * V.T, "eigh")
+
+
+@dataclass(frozen=True)
+class _Core:
+    """``W = L diag(1/sL) Q_L-coordinates``: W = (L M_L') C (M_R'^T R) with scaled M's."""
+
+    ML: torch.Tensor  # k x kL, float64, includes the column scaling of L
+    MR: torch.Tensor  # k x kR, float64, includes the row scaling of R
+    C: torch.Tensor  # kL x kR, float64: W = (L @ ML) @ C @ (R^T @ MR)^T, both orthonormal
+
+
+def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
+    """Orthonormal coordinates of ``W = L @ R`` (``L``: ``d_out x k``, ``R``: ``k x d_in``).
+
+    Returns ``(ML, MR, C)`` with ``Q_L = L @ ML`` and ``Q_R = R^T @ MR`` orthonormal and
+    ``W = Q_L C Q_R^T``. Columns of ``L`` and rows of ``R`` are scaled to unit norm first so
+    that factors of very different magnitude (``B~`` against the small ``E_i``) do not make
+    the Gram matrices ill-conditioned.
+    """
+    sL = torch.linalg.vector_norm(L, dim=0)
+    sR = torch.linalg.vector_norm(R, dim=1)
+    sL = torch.where(sL > 0, sL, torch.ones_like(sL))
+    sR = torch.where(sR > 0, sR, torch.ones_like(sR))
+    fL = _orthonormal_factor(L / sL)
+    fR = _orthonormal_factor((R / sR.unsqueeze(1)).T)
+    D = (sL * sR).to(torch.float64)
+    C = (fL.N * D) @ fR.N.T
+    ML = fL.M / sL.to(torch.float64).unsqueeze(1)
+    MR = fR.M / sR.to(torch.float64).unsqueeze(1)
+    return _Core(ML, MR, C)
+
+
+def _top_left_subspace(C: torch.Tensor, r: int) -> torch.Tensor:
+    """Orthonormal basis (``kL x r``, float64) of the top-``r`` left singular vectors of C."""
+    _, V = torch.linalg.eigh(C @ C.T)  # ascending eigenvalues = squared singular values
+    return V[:, -r:]
+
+
+def _tail_operator(L: torch.Tensor, R: torch.Tensor, r: int) -> torch.Tensor | None:
+    """``K`` (``k x k``, float64) with ``W - W_r = L K R`` for ``W = L R``; None if rank <= r."""
+    core = _factored_core(L, R)
+    if min(core.C.shape) <= r:
+        return None
+    X = _top_left_subspace(core.C, r)
+    C_perp = core.C - X @ (X.T @ core.C)
+    return core.ML @ C_perp @ core.MR.T
+
+
+def _centered_factors(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dAs: Sequence[torch.Tensor],
+    dBs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L_D = [dB_bar, B~, E_1..E_{m-1}]`` and ``R_D = [A; dA_bar; G_1..G_{m-1}]`` of (*)."""
+    w = list(weights)
+    dB_bar = sum((wi * dB for wi, dB in zip(w, dBs, strict=True)), torch.zeros_like(B))
+    dA_bar = sum((wi * dA for wi, dA in zip(w, dAs, strict=True)), torch.zeros_like(A))
+    Es = [wi * (dB - dB_bar) for wi, dB in zip(w[:-1], dBs[:-1], strict=True)]
+    Gs = [dA - dAs[-1] for dA in dAs[:-1]]
+    L_D = torch.cat([dB_bar, B + dB_bar, *Es], dim=1)
+    R_D = torch.cat([A, dA_bar, *Gs], dim=0)
+    return L_D, R_D
+
+
+def _check_inputs(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dAs: Sequence[torch.Tensor],
+    dBs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+) -> None:
+    if not (len(dAs) == len(dBs) == len(weights)) or not dAs:
+        raise ValueError(
+            f"need one dA, dB and weight per client, got {len(dAs)}, {len(dBs)}, {len(weights)}"
+        )
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"bad factor shapes: A {tuple(A.shape)}, B {tuple(B.shape)}")
+    for i, (dA, dB) in enumerate(zip(dAs, dBs, strict=True)):
+        if dA.shape != A.shape or dB.shape != B.shape:
+            raise ValueError(
+                f"client {i}: dA {tuple(dA.shape)} / dB {tuple(dB.shape)} do not match "
+                f"A {tuple(A.shape)} / B {tuple(B.shape)}"
+            )
+    if not math.isclose(sum(weights), 1.0, rel_tol=1e-6):
+        raise ValueError(f"weights must sum to 1, got {sum(weights)}")
+
+
+def fedsrd_module_delta(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dAs: Sequence[torch.Tensor],
+    dBs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    round_: int,
+    truncate: bool = True,
+) -> tuple[Factor, torch.Tensor]:
+    """The global update of one module for round ``round_`` (before DARE), factored form.
+
+    Reconstructs each client's factors, aggregates in full-rank space (Eq. 9), truncates to
+    rank ``r`` (Eq. 10, FedSRD; skipped for FedSRD-e with ``truncate=False``), forms the target
+    ``T = W_r - B A`` and solves for one factor (Eqs. 11-13)::
+
+        odd round:  dB = T pinv(A)   (d_out x r),   dA = 0
+        even round: dA = pinv(B) T   (r x d_in),    dB = 0
+
+    Args:
+        A: ``r x d_in`` and B: ``d_out x r``, the current global factors (float32).
+        dAs, dBs: per-client dense updates with the shapes of ``A`` and ``B``.
+        weights: per-client weights summing to 1 (:func:`aggregation_weights`).
+        round_: the round number, from 1.
+        truncate: FedSRD (True) or FedSRD-e (False).
+
+    Returns:
+        ``("B", dB)`` or ``("A", dA)``: which factor changes and its float32 update.
+    """
+    _check_inputs(A, B, dAs, dBs, weights)
+    which = update_parity(round_)
+    r = A.shape[0]
+    L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
+    K = None
+    if truncate:
+        # L_W = L_D[:, r:] and R_W = [A + dA_bar; G...] = J R_D: W = L_W R_W.
+        R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
+        K = _tail_operator(L_D[:, r:], R_W, r)
+    if which == "B":
+        P = right_pinv_product(R_D, A).to(torch.float64)  # (m+1)r x r = R_D pinv(A)
+        if K is not None:
+            Z = K @ torch.cat([P[:r] + P[r : 2 * r], P[2 * r :]], dim=0)  # K R_W pinv(A)
+            P[r:] -= Z
+        return "B", L_D @ P.to(L_D.dtype)
+    Q = left_pinv_product(B, L_D).to(torch.float64)  # r x (m+1)r = pinv(B) L_D
+    if K is not None:
+        Y = Q[:, r:] @ K  # pinv(B) L_W K, to be multiplied by R_W = [A + dA_bar; G]
+        Q[:, :r] -= Y[:, :r]
+        Q[:, r : 2 * r] -= Y[:, :r]
+        Q[:, 2 * r :] -= Y[:, r:]
+    return "A", Q.to(R_D.dtype) @ R_D
+
+
+def truncated_factors(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dAs: Sequence[torch.Tensor],
+    dBs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New balanced factors ``(A', B')`` with ``B' A' = W_r``, the rank-r SVD of Eq. 9's W.
+
+    ``B' = U_r S_r^(1/2)`` (``d_out x r``) and ``A' = S_r^(1/2) V_r^T`` (``r x d_in``), as
+    FlexLoRA redistributes them; computed in factored form (columns beyond the rank of
+    ``W`` are zero).
+    """
+    _check_inputs(A, B, dAs, dBs, weights)
+    r = A.shape[0]
+    L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
+    L_W = L_D[:, r:]
+    R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
+    core = _factored_core(L_W, R_W)
+    lam, V = torch.linalg.eigh(core.C @ core.C.T)
+    kk = min(r, V.shape[1])
+    X = V[:, -kk:].flip(1)  # descending
+    sigma = lam[-kk:].flip(0).clamp_min(0).sqrt()
+    pos = sigma > sigma.max().clamp_min(0) * max(core.C.shape) * _EPS64 if kk else sigma > 0
+    root = torch.where(pos, sigma.sqrt(), torch.zeros_like(sigma))
+    inv_root = torch.where(pos, 1.0 / sigma.clamp_min(1e-300).sqrt(), torch.zeros_like(sigma))
+    left = core.ML @ (X * root)  # k x kk: B' = L_W left
+    right = (inv_root.unsqueeze(1) * X.T) @ core.C @ core.MR.T  # kk x k: A' = right R_W
+    B_new = torch.zeros_like(B)
+    A_new = torch.zeros_like(A)
+    B_new[:, :kk] = L_W @ left.to(L_W.dtype)
+    A_new[:kk] = right.to(R_W.dtype) @ R_W
+    return A_new, B_new
+
+
+def average_factors(
+    dAs: Sequence[torch.Tensor], dBs: Sequence[torch.Tensor], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedAvg / FedIT: ``(sum w_i dA_i, sum w_i dB_i)``, i.e. A and B averaged separately."""
+    dA = sum((w * d for w, d in zip(weights, dAs, strict=True)), torch.zeros_like(dAs[0]))
+    dB = sum((w * d for w, d in zip(weights, dBs, strict=True)), torch.zeros_like(dBs[0]))
+    return dA, dB
