@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # Installed before the project so that the project's torch range installs nothing more.
-# On a CUDA machine: make TORCH_SPEC="torch==2.13.0" TORCH_INDEX=<your wheel index> ...
+# Override it for another build, e.g. a CUDA wheel from an index pip is configured for.
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 BIN := $(VENV)/bin
@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
+# The main job, until the control plane lands: the server-step, codec and communication
+# benchmarks on two Llama-3.2-3B-shaped layers, each printing a JSON summary.
 demo: setup
-	$(BIN)/fedsrd demo
+	$(BIN)/python benchmarks/server_step.py --quick
+	$(BIN)/python benchmarks/codec.py --quick
+	$(BIN)/python benchmarks/comm.py --quick
 
 lint: setup
 	$(BIN)/ruff check .

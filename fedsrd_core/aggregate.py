@@ -93,7 +93,7 @@ def _pinv_gram(X: torch.Tensor, *, rtol: float | None = None) -> torch.Tensor:
     inv = torch.where(lam > tol, 1.0 / lam, torch.zeros_like(lam))
     if bool((lam.max() <= 0).item()):
         inv = torch.zeros_like(lam)
-    return (V * inv) @ V.T
+    return torch.matmul(V * inv, V.T)
 
 
 def right_pinv_product(Y: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,8 @@ def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
 def _top_left_subspace(C: torch.Tensor, r: int) -> torch.Tensor:
     """Orthonormal basis (``kL x r``, float64) of the top-``r`` left singular vectors of C."""
     _, V = torch.linalg.eigh(C @ C.T)  # ascending eigenvalues = squared singular values
-    return V[:, -r:]
+    top: torch.Tensor = V[:, -r:]
+    return top
 
 
 def _tail_operator(L: torch.Tensor, R: torch.Tensor, r: int) -> torch.Tensor | None:

@@ -35,12 +35,13 @@ def dense_aggregate(
 def dense_truncate(W: torch.Tensor, r: int) -> torch.Tensor:
     """Eq. 10: best rank-``r`` approximation of ``W`` by a full SVD."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return (U[:, :r] * S[:r]) @ Vh[:r]
+    return torch.matmul(U[:, :r] * S[:r], Vh[:r])
 
 
 def dense_pinv(X: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.pinv`` with the float32 cut-off ``max(shape) * eps32`` in any dtype."""
-    return torch.linalg.pinv(X, rtol=max(X.shape) * _EPS32)
+    out: torch.Tensor = torch.linalg.pinv(X, rtol=max(X.shape) * _EPS32)
+    return out
 
 
 def dense_fedsrd_module_delta(

@@ -60,9 +60,7 @@ class SparseTensor:
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Materialise the dense tensor (zeros except at ``indices``)."""
-        out = torch.zeros(
-            self.numel, dtype=dtype or self.values.dtype, device=self.values.device
-        )
+        out = torch.zeros(self.numel, dtype=dtype or self.values.dtype, device=self.values.device)
         out[self.indices.to(out.device)] = self.values.to(out.dtype)
         return out.view(self.shape)
 

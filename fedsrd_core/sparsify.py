@@ -144,7 +144,9 @@ class SparsifierConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("importance", "magnitude", "random"):
-            raise ValueError(f"`method` must be importance, magnitude or random, got {self.method!r}")
+            raise ValueError(
+                f"`method` must be importance, magnitude or random, got {self.method!r}"
+            )
         if self.ratio not in ("adaptive", "fixed"):
             raise ValueError(f"`ratio` must be adaptive or fixed, got {self.ratio!r}")
         if self.ratio == "adaptive" and self.method != "importance":
@@ -160,7 +162,9 @@ class SparsifierConfig:
         if self.c < 0 or self.cap < 0:
             raise ValueError(f"`c` and `cap` must be >= 0, got c={self.c}, cap={self.cap}")
         if self.alpha + self.cap >= 1.0:
-            raise ValueError(f"`alpha + cap` must be < 1 (got {self.alpha + self.cap}): nothing kept")
+            raise ValueError(
+                f"`alpha + cap` must be < 1 (got {self.alpha + self.cap}): nothing kept"
+            )
         if not 0.0 <= self.zero_fraction < 1.0:
             raise ValueError(f"`zero_fraction` must be in [0, 1), got {self.zero_fraction}")
 
@@ -213,9 +217,7 @@ def sparsify_matrix(
                 raise ValueError("`method='importance'` needs the importance scores")
             scores = importance
             if config.ratio == "adaptive":
-                rho = adaptive_zero_fraction(
-                    scores, alpha=config.alpha, c=config.c, cap=config.cap
-                )
+                rho = adaptive_zero_fraction(scores, alpha=config.alpha, c=config.c, cap=config.cap)
             else:
                 rho = config.zero_fraction
         else:

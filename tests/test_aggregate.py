@@ -46,7 +46,9 @@ def make_inputs(d_out, d_in, r, m, *, scale=1.0, seed=0, zero_B=False, weights="
     if weights == "uniform":
         w = aggregation_weights([1] * m)
     else:
-        w = aggregation_weights([int(x) for x in torch.randint(1, 100, (m,), generator=g)], "samples")
+        w = aggregation_weights(
+            [int(x) for x in torch.randint(1, 100, (m,), generator=g)], "samples"
+        )
     return A, B, dAs, dBs, w
 
 
@@ -170,7 +172,10 @@ def test_pinv_products_match_torch_pinv(rows, cols):
     Bt = A.T.contiguous()
     Z = torch.randn(cols, 5, generator=g)
     torch.testing.assert_close(
-        left_pinv_product(Bt, Z).double(), dense_pinv(Bt.double()) @ Z.double(), rtol=1e-4, atol=1e-5
+        left_pinv_product(Bt, Z).double(),
+        dense_pinv(Bt.double()) @ Z.double(),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -226,5 +231,7 @@ def test_orthonormal_factor_both_paths(case, method):
     f = _orthonormal_factor(X)
     assert f.method == method
     Q = X.double() @ f.M
-    torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(Q @ f.N, X.double(), atol=1e-5, rtol=0)

@@ -1,0 +1,229 @@
+"""Strategies: registry, configs, and server/client synchronisation through the codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsrd_core.codec import SeededSparse, decode, encode
+from fedsrd_core.sparse import SparseTensor
+from fedsrd_core.sparsify import SparsifierConfig
+from fedsrd_core.state import GlobalState, LoraFactors, apply_delta, init_state, state_digest
+from fedsrd_core.strategies import (
+    FedAvgConfig,
+    FedSRDConfig,
+    RoundContext,
+    Upload,
+    available_strategies,
+    default_config,
+    get_strategy,
+)
+
+LAYOUT = {"layers.0.q": (24, 16), "layers.0.v": (8, 16), "layers.1.mlp": (40, 24)}
+RANK = 4
+ALL = ["fed-dare", "fedavg", "fedprox", "fedsrd", "fedsrd-e", "ffa-lora", "flexlora"]
+
+
+def local_training(start: GlobalState, strategy, seed: int) -> GlobalState:
+    """Stand-in for local fine-tuning: a random step on the trainable factors."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, f in start.items():
+        A = f.A + 0.05 * torch.randn(f.A.shape, generator=g)
+        B = f.B + 0.05 * torch.randn(f.B.shape, generator=g)
+        out[name] = LoraFactors(
+            A if "A" in strategy.trainable_factors() else f.A.clone(),
+            B if "B" in strategy.trainable_factors() else f.B.clone(),
+        )
+    return GlobalState(out)
+
+
+def applicable(delta: dict, ctx: RoundContext) -> dict:
+    """What the server applies: seeded entries expanded to their positions."""
+    out = {}
+    for name, t in delta.items():
+        if isinstance(t, SeededSparse):
+            out[name] = SparseTensor(t.shape, t.positions(name), t.values)
+        else:
+            out[name] = t
+    return out
+
+
+def test_registry_lists_every_strategy():
+    assert available_strategies() == ALL
+    for name in ALL:
+        s = get_strategy(name)
+        assert s.name == name and s.paper
+        assert get_strategy(name, s.config.to_dict()).config == s.config
+    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
+        get_strategy("fedsgd")
+
+
+def test_fedsrd_e_is_fedsrd_without_truncation():
+    assert default_config("fedsrd-e") == FedSRDConfig(truncate=False)
+    assert default_config("fedsrd") == FedSRDConfig()
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("fedsrd", {"download_drop": 1.0}, "`download_drop`"),
+        ("fedsrd", {"server": "dense"}, "`server`"),
+        ("fedsrd", {"truncate": "yes"}, "`truncate`"),
+        ("fedsrd", {"sparsifier": {"alpha": 2}}, "`alpha`"),
+        ("fedsrd", {"rank": 8}, "unknown field"),
+        ("fedavg", {"weighting": "median"}, "`weighting`"),
+        ("fedprox", {"mu": -1}, "`mu`"),
+        ("fed-dare", {"drop": 1.5}, "`drop`"),
+        ("fedavg", {"upload_sparsifier": {"method": "best"}}, "`method`"),
+    ],
+)
+def test_config_errors_name_the_field(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_strategy(name, overrides)
+
+
+def test_nested_config_round_trips_through_dicts():
+    cfg = FedSRDConfig(
+        sparsifier=SparsifierConfig(method="random", ratio="fixed", zero_fraction=0.9),
+        server="svd",
+        weighting="samples",
+    )
+    assert FedSRDConfig.from_dict(cfg.to_dict()) == cfg
+    fa = FedAvgConfig(upload_sparsifier=SparsifierConfig(method="magnitude", ratio="fixed"))
+    assert FedAvgConfig.from_dict(fa.to_dict()) == fa
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("value_dtype", ["fp32", "bf16"])
+def test_server_and_clients_stay_bit_identical_over_five_rounds(name, value_dtype):
+    strategy = get_strategy(name)
+    server = init_state(LAYOUT, RANK, seed=3)
+    clients = [server.clone() for _ in range(3)]
+    shapes = server.wire_shapes()
+    for round_ in range(1, 6):
+        ctx = RoundContext(round=round_, seed=42, value_dtype=value_dtype)
+        uploads = []
+        for i, local in enumerate(clients):
+            trained = local_training(local, strategy, seed=round_ * 10 + i)
+            blob = encode(
+                strategy.client_upload(local, trained, ctx, client_seed=i), value_dtype=value_dtype
+            )
+            uploads.append(Upload(decode(blob, expected_shapes=None), num_samples=10 + i))
+        before = state_digest(server)
+        delta = strategy.server_round(server, uploads, ctx)
+        blob = encode(delta, value_dtype=value_dtype)
+        apply_delta(server, applicable(delta, ctx))
+        assert state_digest(server) != before, f"round {round_} changed nothing"
+        for local in clients:
+            received = decode(blob, expected_shapes={k: shapes[k] for k in delta})
+            apply_delta(local, received)
+            assert state_digest(local) == state_digest(server)
+
+
+def test_fedsrd_round_one_sends_B_only_and_later_rounds_alternate():
+    strategy = get_strategy("fedsrd")
+    state = init_state(LAYOUT, RANK, seed=1)
+    for round_, suffix in [(1, ".lora_B"), (2, ".lora_A"), (3, ".lora_B")]:
+        ctx = RoundContext(round=round_, seed=5)
+        ups = [
+            Upload(
+                strategy.client_upload(
+                    state, local_training(state, strategy, i), ctx, client_seed=i
+                )
+            )
+            for i in range(2)
+        ]
+        delta = strategy.server_round(state, ups, ctx)
+        assert set(delta) == {m + suffix for m in LAYOUT}
+        assert all(isinstance(t, SeededSparse) for t in delta.values())
+        nnz = sum(t.values.numel() for t in delta.values())
+        total = sum(t.shape[0] * t.shape[1] for t in delta.values())
+        assert 0.12 < nnz / total < 0.28  # DARE keeps 20%
+        assert all(t.values.abs().max() > 0 for t in delta.values())
+        apply_delta(state, applicable(delta, ctx))
+
+
+def test_fedsrd_upload_is_sparse_at_the_adaptive_density():
+    strategy = get_strategy("fedsrd")
+    state = init_state({"m": (400, 300)}, 16, seed=0)
+    ctx = RoundContext(round=1)
+    up = strategy.client_upload(state, local_training(state, strategy, 0), ctx)
+    assert all(isinstance(t, SparseTensor) for t in up.values())
+    for t in up.values():
+        assert 0.03 < t.density <= 0.15  # rho in [0.85, 0.96]
+
+
+def test_ffa_lora_never_sends_A_and_keeps_A_fixed():
+    strategy = get_strategy("ffa-lora")
+    assert strategy.trainable_factors() == frozenset({"B"})
+    state = init_state(LAYOUT, RANK, seed=0)
+    A0 = {m: state[m].A.clone() for m in LAYOUT}
+    ctx = RoundContext(round=1)
+    up = strategy.client_upload(state, local_training(state, strategy, 0), ctx)
+    assert all(k.endswith(".lora_B") for k in up)
+    delta = strategy.server_round(state, [Upload(up)], ctx)
+    assert all(k.endswith(".lora_B") for k in delta)
+    apply_delta(state, delta)
+    assert all(torch.equal(state[m].A, A0[m]) for m in LAYOUT)
+
+
+def test_fedavg_averages_factors_with_sample_weights():
+    strategy = get_strategy("fedavg", {"weighting": "samples"})
+    state = init_state({"m": (6, 5)}, 2, seed=0)
+    ctx = RoundContext(round=1)
+    ups = []
+    for i, n in enumerate((1, 3)):
+        ups.append(
+            Upload(strategy.client_upload(state, local_training(state, strategy, i), ctx), n)
+        )
+    delta = strategy.server_round(state, ups, ctx)
+    expect = 0.25 * ups[0].tensors["m.lora_B"] + 0.75 * ups[1].tensors["m.lora_B"]
+    torch.testing.assert_close(delta["m.lora_B"], expect)
+
+
+def test_fed_dare_uploads_ten_percent_rescaled():
+    strategy = get_strategy("fed-dare")
+    state = init_state({"m": (300, 200)}, 8, seed=0)
+    trained = local_training(state, strategy, 0)
+    up = strategy.client_upload(state, trained, RoundContext(round=1), client_seed=3)
+    sB = up["m.lora_B"]
+    assert isinstance(sB, SparseTensor) and abs(sB.density - 0.1) < 0.02
+    dB = (trained["m"].B - state["m"].B).reshape(-1)
+    torch.testing.assert_close(sB.values, dB[sB.indices] * 10, rtol=1e-5, atol=1e-6)
+
+
+def test_fedprox_mu():
+    assert get_strategy("fedprox", {"mu": 0.1}).proximal_mu() == 0.1
+    assert get_strategy("fedavg").proximal_mu() == 0.0
+
+
+@pytest.mark.parametrize("server", ["svd", "average"])
+def test_fedsrd_ablation_servers_download_dense_factors(server):
+    strategy = get_strategy("fedsrd", {"server": server})
+    state = init_state(LAYOUT, RANK, seed=0)
+    ctx = RoundContext(round=1)
+    ups = [
+        Upload(strategy.client_upload(state, local_training(state, strategy, i), ctx))
+        for i in range(2)
+    ]
+    delta = strategy.server_round(state, ups, ctx)
+    assert len(delta) == 2 * len(LAYOUT)
+    assert all(isinstance(t, torch.Tensor) for t in delta.values())
+
+
+def test_flexlora_download_gives_truncated_aggregate():
+    from fedsrd_core.reference import dense_aggregate, dense_truncate
+
+    strategy = get_strategy("flexlora")
+    state = init_state({"m": (20, 16)}, 3, seed=0)
+    ctx = RoundContext(round=1)
+    ups = [
+        Upload(strategy.client_upload(state, local_training(state, strategy, i), ctx))
+        for i in range(3)
+    ]
+    dAs = [u.tensors["m.lora_A"] for u in ups]
+    dBs = [u.tensors["m.lora_B"] for u in ups]
+    W_r = dense_truncate(dense_aggregate(state["m"].A, state["m"].B, dAs, dBs, [1 / 3] * 3), 3)
+    apply_delta(state, strategy.server_round(state, ups, ctx))
+    torch.testing.assert_close((state["m"].B @ state["m"].A).double(), W_r, rtol=1e-4, atol=1e-5)
