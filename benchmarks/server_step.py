@@ -126,6 +126,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "results": results,
+        "largest_dense_module_matrix_mib": round(
+            max(o * i for o, i in layout.values()) * 4 / c.MIB, 1
+        ),
     }
     for round_ in (2, 3):
         a = results[f"fedsrd_round{round_}"]["seconds"]

@@ -145,11 +145,12 @@ def _orthonormal_factor(X: torch.Tensor) -> _GramFactor:
 
 @dataclass(frozen=True)
 class _Core:
-    """``W = L diag(1/sL) Q_L-coordinates``: W = (L M_L') C (M_R'^T R) with scaled M's."""
+    """Orthonormal coordinates of ``W = L R``: ``W = (L @ ML) @ C @ (R^T @ MR)^T``."""
 
     ML: torch.Tensor  # k x kL, float64, includes the column scaling of L
     MR: torch.Tensor  # k x kR, float64, includes the row scaling of R
-    C: torch.Tensor  # kL x kR, float64: W = (L @ ML) @ C @ (R^T @ MR)^T, both orthonormal
+    C: torch.Tensor  # kL x kR, float64
+    leading_block: bool  # whether L's first columns span the first coordinates (Cholesky)
 
 
 def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
@@ -170,24 +171,75 @@ def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
     C = (fL.N * D) @ fR.N.T
     ML = fL.M / sL.to(torch.float64).unsqueeze(1)
     MR = fR.M / sR.to(torch.float64).unsqueeze(1)
-    return _Core(ML, MR, C)
+    return _Core(ML, MR, C, fL.method == "cholesky")
 
 
-def _top_left_subspace(C: torch.Tensor, r: int) -> torch.Tensor:
-    """Orthonormal basis (``kL x r``, float64) of the top-``r`` left singular vectors of C."""
+# Subspace iteration stops when the Davis-Kahan bound on the angle to the exact top-r
+# subspace is below this, and gives up (exact eigendecomposition) after _SUBSPACE_MAX_ITERS.
+_SUBSPACE_TOL = 1e-10
+_SUBSPACE_MAX_ITERS = 12
+
+
+def _top_left_subspace(C: torch.Tensor, r: int, *, warm: bool) -> tuple[torch.Tensor, str]:
+    """Orthonormal basis (``kL x r``, float64) of the top-``r`` left singular vectors of C.
+
+    With ``warm`` (Cholesky coordinates, whose first ``r`` axes span ``B~``, the dominant
+    part of ``W`` once the run is under way) it runs subspace iteration on ``M = C C^T``
+    from those axes. It stops when the Davis-Kahan bound ``||M X - X H||_F / (theta_min -
+    tau)`` on ``sin`` of the angle to the exact subspace is below 1e-10, where
+    ``H = X^T M X`` has Ritz values ``theta`` and ``tau = trace(M) - trace(H)`` bounds every
+    eigenvalue outside the top ``r`` from above. Otherwise, or when the bound does not hold
+    within a few iterations (a small spectral gap), it takes the exact eigendecomposition.
+
+    Returns the basis and ``"iteration"`` or ``"eigh"``.
+    """
+    kL = C.shape[0]
+    if warm:
+        trace_M = float(C.square().sum())
+        X = torch.eye(kL, r, dtype=C.dtype, device=C.device)
+        for _ in range(_SUBSPACE_MAX_ITERS):
+            Y = C @ (C.T @ X)
+            H = X.T @ Y
+            theta_min = float(torch.linalg.eigvalsh(H)[0])
+            tau = trace_M - float(H.trace())
+            gap = theta_min - max(tau, 0.0)
+            if gap > 0 and float(torch.linalg.vector_norm(Y - X @ H)) <= _SUBSPACE_TOL * gap:
+                return X, "iteration"
+            X = torch.linalg.qr(Y).Q
     _, V = torch.linalg.eigh(C @ C.T)  # ascending eigenvalues = squared singular values
     top: torch.Tensor = V[:, -r:]
-    return top
+    return top, "eigh"
 
 
-def _tail_operator(L: torch.Tensor, R: torch.Tensor, r: int) -> torch.Tensor | None:
-    """``K`` (``k x k``, float64) with ``W - W_r = L K R`` for ``W = L R``; None if rank <= r."""
+@dataclass(frozen=True)
+class _Tail:
+    """``W - W_r = L K R`` with ``K = ML (C - X X^T C) MR^T``, applied without forming K."""
+
+    core: _Core
+    X: torch.Tensor  # kL x r, top-r left singular subspace of C
+
+    def _c_perp(self, v: torch.Tensor) -> torch.Tensor:
+        cv = self.core.C @ v
+        return torch.sub(cv, self.X @ (self.X.T @ cv))
+
+    def right(self, P: torch.Tensor) -> torch.Tensor:
+        """``K @ P`` for a thin ``P`` (``k x n``, float64)."""
+        return torch.matmul(self.core.ML, self._c_perp(self.core.MR.T @ P))
+
+    def left(self, Q: torch.Tensor) -> torch.Tensor:
+        """``Q @ K`` for a thin ``Q`` (``n x k``, float64)."""
+        qm = Q @ self.core.ML  # n x kL
+        qc = qm @ self.core.C - (qm @ self.X) @ (self.X.T @ self.core.C)
+        return torch.matmul(qc, self.core.MR.T)
+
+
+def _tail(L: torch.Tensor, R: torch.Tensor, r: int) -> _Tail | None:
+    """The part of ``W = L R`` beyond its best rank-``r`` approximation; None if rank <= r."""
     core = _factored_core(L, R)
     if min(core.C.shape) <= r:
         return None
-    X = _top_left_subspace(core.C, r)
-    C_perp = core.C - X @ (X.T @ core.C)
-    return core.ML @ C_perp @ core.MR.T
+    X, _ = _top_left_subspace(core.C, r, warm=core.leading_block)
+    return _Tail(core, X)
 
 
 def _centered_factors(
@@ -264,20 +316,20 @@ def fedsrd_module_delta(
     which = update_parity(round_)
     r = A.shape[0]
     L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
-    K = None
+    tail = None
     if truncate:
         # L_W = L_D[:, r:] and R_W = [A + dA_bar; G...] = J R_D: W = L_W R_W.
         R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
-        K = _tail_operator(L_D[:, r:], R_W, r)
+        tail = _tail(L_D[:, r:], R_W, r)
     if which == "B":
         P = right_pinv_product(R_D, A).to(torch.float64)  # (m+1)r x r = R_D pinv(A)
-        if K is not None:
-            Z = K @ torch.cat([P[:r] + P[r : 2 * r], P[2 * r :]], dim=0)  # K R_W pinv(A)
-            P[r:] -= Z
+        if tail is not None:
+            # K R_W pinv(A), with R_W pinv(A) = J P.
+            P[r:] -= tail.right(torch.cat([P[:r] + P[r : 2 * r], P[2 * r :]], dim=0))
         return "B", L_D @ P.to(L_D.dtype)
     Q = left_pinv_product(B, L_D).to(torch.float64)  # r x (m+1)r = pinv(B) L_D
-    if K is not None:
-        Y = Q[:, r:] @ K  # pinv(B) L_W K, to be multiplied by R_W = [A + dA_bar; G]
+    if tail is not None:
+        Y = tail.left(Q[:, r:])  # pinv(B) L_W K, to be multiplied by R_W = [A + dA_bar; G]
         Q[:, :r] -= Y[:, :r]
         Q[:, r : 2 * r] -= Y[:, :r]
         Q[:, 2 * r :] -= Y[:, r:]

@@ -235,3 +235,29 @@ def test_orthonormal_factor_both_paths(case, method):
         Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-4, rtol=0
     )
     torch.testing.assert_close(Q @ f.N, X.double(), atol=1e-5, rtol=0)
+
+
+def _core_of(A, B, dAs, dBs, w):
+    from fedsrd_core.aggregate import _centered_factors, _factored_core
+
+    r = A.shape[0]
+    L_D, R_D = _centered_factors(A, B, dAs, dBs, w)
+    R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
+    return _factored_core(L_D[:, r:], R_W)
+
+
+@pytest.mark.parametrize(("scale", "method"), [(1e-2, "iteration"), (1.0, "eigh")])
+def test_top_subspace_iteration_and_fallback_agree_with_eigh(scale, method):
+    """Small updates (a clear spectral gap) converge by subspace iteration; comparable
+    updates (a small gap) fall back to the eigendecomposition. Both give the exact
+    subspace: the projectors match the one from eigh."""
+    from fedsrd_core.aggregate import _top_left_subspace
+
+    A, B, dAs, dBs, w = make_inputs(120, 90, 6, 4, scale=scale, seed=8)
+    core = _core_of(A, B, dAs, dBs, w)
+    assert core.leading_block
+    X, how = _top_left_subspace(core.C, 6, warm=True)
+    assert how == method
+    Y, how_ref = _top_left_subspace(core.C, 6, warm=False)
+    assert how_ref == "eigh"
+    torch.testing.assert_close(X @ X.T, Y @ Y.T, atol=1e-8, rtol=0)

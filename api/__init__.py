@@ -1,0 +1,1 @@
+"""Placeholder: api lands with the control plane issue (see README.md, Status)."""

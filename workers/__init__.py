@@ -1,0 +1,1 @@
+"""Placeholder: workers lands with the control plane issue (see README.md, Status)."""
