@@ -14,17 +14,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay
-# in the heap and resident memory stops tracking live memory. A fixed threshold keeps every
-# tensor above 128 KiB in its own mapping, so the peak-RSS figures mean what they say.
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and __name__ != "__main__":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
 import torch
 
 from fedsrd_core.layouts import LLAMA_3_2_3B, llama_layout
 from fedsrd_core.state import GlobalState, Layout, LoraFactors, init_state
+
+#: glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay
+#: in the heap and resident memory stops tracking live memory. A fixed threshold keeps every
+#: tensor above 128 KiB in its own mapping, so peak RSS means what it says; it also makes
+#: every large allocation fault its pages in, so memory is measured in a separate process
+#: with this environment and never in the same run as the timings.
+MEMORY_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 #: Two Llama-3.2-3B-shaped layers: the same module shapes at 1/14 of the size.
 SMALL_LAYOUT: Layout = llama_layout(

@@ -3,10 +3,11 @@
     python benchmarks/server_step.py            # Llama-3.2-3B, r=64, 196 modules, 4 clients
     python benchmarks/server_step.py --quick    # 2 layers of the same shapes (14 modules)
 
-A server round here is ``strategy.server_round``: densify each module's sparse uploads,
+A server step here is ``strategy.server_round``: densify each module's sparse uploads,
 reconstruct and aggregate (Eq. 9), truncate (Eq. 10, FedSRD only), solve for one factor
 (Eqs. 11-13), DARE-sample the download with the seeded mask and round it to the wire dtype.
-Decoding uploads and encoding the download are the codec's cost (``benchmarks/codec.py``).
+``with_codec_seconds`` adds what a server also does each round: decode and validate every
+upload blob and encode the download blob.
 
 The dense reference (form W, full SVD, pinv) runs on layer 0's seven modules, one of each
 shape, and is scaled by the number of layers; the JSON says so. Rounds 2 (an A update) and
@@ -18,15 +19,22 @@ side by side in this process.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import _common as c
 import torch
 
 from fedsrd_core.aggregate import fedsrd_module_delta
+from fedsrd_core.codec import decode, encode
 from fedsrd_core.reference import dense_fedsrd_module_delta
-from fedsrd_core.state import GlobalState
-from fedsrd_core.strategies import RoundContext, Upload, get_strategy
+from fedsrd_core.state import GlobalState, LoraFactors
+from fedsrd_core.strategies import RoundContext, Strategy, Upload, get_strategy
 
 
 def make_uploads(start: GlobalState, m: int) -> list[Upload]:
@@ -69,6 +77,61 @@ def dense_sample(start: GlobalState, uploads: list[Upload], round_: int, layer0:
     return dense_s, fact_s, worst
 
 
+ROUNDS = (2, 3)
+STRATEGIES = ("fedsrd-e", "fedsrd")
+
+
+def save_round_inputs(start: GlobalState, uploads: list[Upload], folder: Path) -> None:
+    """State and uploads as wire-format blobs (the project never pickles)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, f in start.items():
+        tensors[name + ".lora_A"] = f.A
+        tensors[name + ".lora_B"] = f.B
+    (folder / "state.fsrd").write_bytes(encode(tensors))
+    for i, u in enumerate(uploads):
+        (folder / f"upload{i}.fsrd").write_bytes(encode(u.tensors))
+
+
+def load_round_inputs(folder: Path) -> tuple[GlobalState, list[Upload]]:
+    raw = decode((folder / "state.fsrd").read_bytes())
+    modules: dict[str, LoraFactors] = {}
+    for name in {k.rsplit(".", 1)[0] for k in raw}:
+        A, B = raw[name + ".lora_A"], raw[name + ".lora_B"]
+        assert isinstance(A, torch.Tensor)
+        assert isinstance(B, torch.Tensor)
+        modules[name] = LoraFactors(A, B)
+    uploads = [Upload(decode(p.read_bytes())) for p in sorted(folder.glob("upload*.fsrd"))]
+    return GlobalState(modules), uploads
+
+
+def memory_probe(folder: Path) -> None:
+    """Child process: peak RSS increase of one server round per strategy and round."""
+    start, uploads = load_round_inputs(folder)
+    out: dict[str, float] = {}
+    for name in STRATEGIES:
+        strat = get_strategy(name)
+        for round_ in ROUNDS:
+            ctx = RoundContext(round=round_, seed=1)
+            with c.peak_rss() as mem:
+                strat.server_round(start, uploads, ctx)
+            out[f"{name}_round{round_}"] = round((mem["peak"] - mem["baseline"]) / c.MIB, 1)
+    print(json.dumps(out))
+
+
+def measure_memory(start: GlobalState, uploads: list[Upload]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_round_inputs(start, uploads, Path(tmp))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", tmp],
+            env={**os.environ, **c.MEMORY_PROBE_ENV},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,6 +141,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference")
+    ap.add_argument("--memory-probe", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument(
         "--dense-modules",
         default=None,
@@ -85,6 +149,9 @@ def main() -> None:
         "(default: all seven; with --quick: k_proj,v_proj, the cheapest shapes)",
     )
     args = ap.parse_args()
+    if args.memory_probe:
+        memory_probe(Path(args.memory_probe))
+        return
     torch.manual_seed(0)
 
     layout_name = "small" if args.quick else "llama-3.2-3b"
@@ -99,20 +166,35 @@ def main() -> None:
     c.log(f"{args.clients} uploads built, mean kept density {density:.3%}")
 
     results: dict[str, dict[str, float]] = {}
-    for name in ("fedsrd-e", "fedsrd"):
+    for name in STRATEGIES:
         strat = get_strategy(name)
-        for round_ in (2, 3):
+        for round_ in ROUNDS:
             ctx = RoundContext(round=round_, seed=1)
-            with c.peak_rss() as mem:
-                secs, _ = c.best_of(
-                    lambda s=strat, x=ctx: s.server_round(start, uploads, x), args.repeats
-                )
-            key = f"{name}_round{round_}"
-            results[key] = {
-                "seconds": round(secs, 4),
-                "peak_rss_increase_mib": round((mem["peak"] - mem["baseline"]) / c.MIB, 1),
-            }
-            c.log(f"{key}: {secs:.3f}s, peak RSS +{results[key]['peak_rss_increase_mib']} MiB")
+            secs, _ = c.best_of(
+                lambda s=strat, x=ctx: s.server_round(start, uploads, x), args.repeats
+            )
+            results[f"{name}_round{round_}"] = {"seconds": round(secs, 4)}
+            c.log(f"{name}_round{round_}: {secs:.3f}s")
+    # The whole round a server runs: decode and validate every upload, aggregate, encode the
+    # download. The codec's share is the same for both strategies.
+    blobs = [encode(u.tensors) for u in uploads]
+    shapes = start.wire_shapes()
+
+    def full_round(s: Strategy, ctx: RoundContext) -> bytes:
+        decoded = [Upload(decode(b, expected_shapes=shapes)) for b in blobs]
+        return encode(s.server_round(start, decoded, ctx))
+
+    for name in STRATEGIES:
+        strat = get_strategy(name)
+        for round_ in ROUNDS:
+            ctx = RoundContext(round=round_, seed=1)
+            secs, _ = c.best_of(lambda s=strat, x=ctx: full_round(s, x), max(1, args.repeats - 1))
+            results[f"{name}_round{round_}"]["with_codec_seconds"] = round(secs, 4)
+            c.log(f"{name}_round{round_} with decode + encode: {secs:.3f}s")
+    memory = measure_memory(start, uploads)
+    for key, mib in memory.items():
+        results[key]["peak_rss_increase_mib"] = mib
+        c.log(f"{key}: peak RSS +{mib} MiB (separate process, fixed mmap threshold)")
 
     summary: dict[str, object] = {
         "benchmark": "server_step",
@@ -130,10 +212,13 @@ def main() -> None:
             max(o * i for o, i in layout.values()) * 4 / c.MIB, 1
         ),
     }
-    for round_ in (2, 3):
+    for round_ in ROUNDS:
         a = results[f"fedsrd_round{round_}"]["seconds"]
         b = results[f"fedsrd-e_round{round_}"]["seconds"]
         summary[f"fedsrd_over_fedsrd_e_round{round_}"] = round(a / b, 3)
+        a = results[f"fedsrd_round{round_}"]["with_codec_seconds"]
+        b = results[f"fedsrd-e_round{round_}"]["with_codec_seconds"]
+        summary[f"with_codec_fedsrd_over_fedsrd_e_round{round_}"] = round(a / b, 3)
 
     if not args.no_dense:
         wanted = args.dense_modules or ("k_proj,v_proj" if args.quick else "")
@@ -145,7 +230,7 @@ def main() -> None:
         ]
         dense_total = fact_total = 0.0
         worst = 0.0
-        for round_ in (2, 3):
+        for round_ in ROUNDS:
             c.log(f"dense reference, round {round_}, layer 0 ({len(layer0)} modules):")
             d, f, e = dense_sample(start, uploads, round_, layer0)
             dense_total += d
