@@ -33,7 +33,7 @@ handled in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,25 +118,41 @@ class _GramFactor:
     method: Literal["cholesky", "eigh"]
 
 
-def _orthonormal_factor(X: torch.Tensor) -> _GramFactor:
-    """Cholesky-QR of a column-scaled ``X`` (``n x k``, float32), without forming ``Q``.
+def _gram(X: torch.Tensor, *, rows: bool) -> torch.Tensor:
+    """``X^T X`` (``X``: ``n x k``) or, with ``rows``, ``X X^T`` (``X``: ``k x n``).
 
-    Fast path: float32 Gram ``X^T X``, Cholesky ``U^T U`` in float64, ``M = U^-1``,
-    ``N = U``. When the Gram is singular or too ill-conditioned for float32 (estimated
-    orthogonality loss ``eps32 * ||U^-1||_F^2`` above 1e-4), fall back to a float64 Gram
+    Computed block by block on and below the diagonal and mirrored: the Gram is symmetric,
+    so this does about 60% of a full matrix product's work (for ``k = 4 r``).
+    """
+    k = X.shape[0] if rows else X.shape[1]
+    G = torch.zeros(k, k, dtype=X.dtype, device=X.device)
+    step = 64
+    for i in range(0, k, step):
+        j = min(i + step, k)
+        G[i:, i:j] = X[i:] @ X[i:j].T if rows else X[:, i:].T @ X[:, i:j]
+    lower = G.tril()
+    return lower + lower.T - torch.diag(G.diagonal())
+
+
+def _orthonormal_factor(
+    G32: torch.Tensor, exact_gram: Callable[[], torch.Tensor]
+) -> _GramFactor:
+    """Cholesky-QR of a column-scaled ``X`` (``n x k``) from its Gram, without forming ``Q``.
+
+    Fast path: the float32 Gram ``G32`` (given in float64), Cholesky ``U^T U``, ``M = U^-1``,
+    ``N = U``. When it is singular or too ill-conditioned for float32 (estimated orthogonality
+    loss ``eps32 * ||U^-1||_F^2`` above 1e-4), fall back to the float64 Gram ``exact_gram()``
     and its eigendecomposition, dropping directions whose squared singular value is below
     ``1e4 * k * eps64`` of the largest: ``M = V L^-1/2``, ``N = L^1/2 V^T``.
     """
-    k = X.shape[1]
-    G32 = (X.T @ X).to(torch.float64)
+    k = G32.shape[0]
     U, info = torch.linalg.cholesky_ex(G32, upper=True)
     if int(info.item()) == 0:
-        eye = torch.eye(k, dtype=torch.float64, device=X.device)
+        eye = torch.eye(k, dtype=torch.float64, device=G32.device)
         Minv = torch.linalg.solve_triangular(U, eye, upper=True)
         if _EPS32 * float(Minv.square().sum()) < _CHOLQR_MAX_ORTHO_ERR:
             return _GramFactor(Minv, U, "cholesky")
-    X64 = X.to(torch.float64)
-    lam, V = torch.linalg.eigh(X64.T @ X64)
+    lam, V = torch.linalg.eigh(exact_gram())
     keep = lam > 1e4 * k * _EPS64 * lam.max().clamp_min(0)
     lam, V = lam[keep], V[:, keep]
     root = lam.sqrt()
@@ -153,6 +169,22 @@ class _Core:
     leading_block: bool  # whether L's first columns span the first coordinates (Cholesky)
 
 
+def _scaled_factor(X: torch.Tensor, *, rows: bool) -> tuple[_GramFactor, torch.Tensor]:
+    """Orthonormal factor of ``X`` with its columns (rows) scaled to unit norm, and the
+    scales (float64; 1 for a zero column). The norms come from the Gram's diagonal."""
+    G = _gram(X, rows=rows).to(torch.float64)
+    scale = G.diagonal().sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    G32 = G / scale / scale.unsqueeze(1)
+
+    def exact() -> torch.Tensor:
+        X64 = X.to(torch.float64)
+        X64 = X64 / scale.unsqueeze(1) if rows else X64 / scale
+        return _gram(X64, rows=rows)
+
+    return _orthonormal_factor(G32, exact), scale
+
+
 def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
     """Orthonormal coordinates of ``W = L @ R`` (``L``: ``d_out x k``, ``R``: ``k x d_in``).
 
@@ -161,17 +193,10 @@ def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
     that factors of very different magnitude (``B~`` against the small ``E_i``) do not make
     the Gram matrices ill-conditioned.
     """
-    sL = torch.linalg.vector_norm(L, dim=0)
-    sR = torch.linalg.vector_norm(R, dim=1)
-    sL = torch.where(sL > 0, sL, torch.ones_like(sL))
-    sR = torch.where(sR > 0, sR, torch.ones_like(sR))
-    fL = _orthonormal_factor(L / sL)
-    fR = _orthonormal_factor((R / sR.unsqueeze(1)).T)
-    D = (sL * sR).to(torch.float64)
-    C = (fL.N * D) @ fR.N.T
-    ML = fL.M / sL.to(torch.float64).unsqueeze(1)
-    MR = fR.M / sR.to(torch.float64).unsqueeze(1)
-    return _Core(ML, MR, C, fL.method == "cholesky")
+    fL, sL = _scaled_factor(L, rows=False)
+    fR, sR = _scaled_factor(R, rows=True)
+    C = (fL.N * (sL * sR)) @ fR.N.T
+    return _Core(fL.M / sL.unsqueeze(1), fR.M / sR.unsqueeze(1), C, fL.method == "cholesky")
 
 
 # Subspace iteration stops when the Davis-Kahan bound on the angle to the exact top-r

@@ -217,7 +217,7 @@ def test_input_validation_names_the_problem():
     [("well_conditioned", "cholesky"), ("rank_deficient", "eigh"), ("ill_conditioned", "eigh")],
 )
 def test_orthonormal_factor_both_paths(case, method):
-    from fedsrd_core.aggregate import _orthonormal_factor
+    from fedsrd_core.aggregate import _scaled_factor
 
     g = torch.Generator().manual_seed(1)
     X = torch.randn(200, 12, generator=g)
@@ -227,14 +227,30 @@ def test_orthonormal_factor_both_paths(case, method):
         Q, _ = torch.linalg.qr(X)
         V, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
         X = (Q * torch.logspace(0, -5, 12)) @ V.T
-    X = X / X.norm(dim=0)
-    f = _orthonormal_factor(X)
+    f, scale = _scaled_factor(X, rows=False)
+    torch.testing.assert_close(scale, X.double().norm(dim=0), rtol=1e-6, atol=0)
+    X = X.double() / scale
     assert f.method == method
-    Q = X.double() @ f.M
+    Q = X @ f.M
     torch.testing.assert_close(
         Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-4, rtol=0
     )
-    torch.testing.assert_close(Q @ f.N, X.double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q @ f.N, X, atol=1e-5, rtol=0)
+    # The row form gives the same factor for the transposed matrix.
+    fr, scale_r = _scaled_factor(X.T.float().contiguous(), rows=True)
+    assert fr.method == method
+    torch.testing.assert_close(scale_r, torch.ones_like(scale_r), atol=1e-6, rtol=0)
+
+
+def test_gram_blocks_match_full_product():
+    from fedsrd_core.aggregate import _gram
+
+    g = torch.Generator().manual_seed(4)
+    for k in (1, 63, 64, 65, 200):
+        X = torch.randn(90, k, generator=g)
+        torch.testing.assert_close(_gram(X, rows=False), X.T @ X, rtol=1e-5, atol=1e-4)
+        Xt = X.T.contiguous()
+        torch.testing.assert_close(_gram(Xt, rows=True), X.T @ X, rtol=1e-5, atol=1e-4)
 
 
 def _core_of(A, B, dAs, dBs, w):
