@@ -134,9 +134,7 @@ def _gram(X: torch.Tensor, *, rows: bool) -> torch.Tensor:
     return lower + lower.T - torch.diag(G.diagonal())
 
 
-def _orthonormal_factor(
-    G32: torch.Tensor, exact_gram: Callable[[], torch.Tensor]
-) -> _GramFactor:
+def _orthonormal_factor(G32: torch.Tensor, exact_gram: Callable[[], torch.Tensor]) -> _GramFactor:
     """Cholesky-QR of a column-scaled ``X`` (``n x k``) from its Gram, without forming ``Q``.
 
     Fast path: the float32 Gram ``G32`` (given in float64), Cholesky ``U^T U``, ``M = U^-1``,
