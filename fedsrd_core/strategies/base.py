@@ -28,6 +28,7 @@ import torch
 from fedsrd_core.aggregate import Factor, Weighting, aggregation_weights
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.sparse import SparseTensor
+from fedsrd_core.sparsify import SparsifierConfig, sparsify_module_update
 from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState
 
 #: One wire entry of an upload or a global delta.
@@ -204,6 +205,38 @@ def _dense(t: WireTensor | None, like: torch.Tensor) -> torch.Tensor:
     if isinstance(t, SparseTensor):
         return t.to_dense(torch.float32).to(like.device)
     return t.to(device=like.device, dtype=torch.float32)
+
+
+def dense_upload(
+    start: GlobalState, trained: GlobalState, factors: frozenset[Factor]
+) -> dict[str, WireTensor]:
+    """Dense updates ``trained - start`` of the given factors of every module."""
+    out: dict[str, WireTensor] = {}
+    for module, f0 in start.items():
+        fi = trained[module]
+        if "A" in factors:
+            out[module + A_SUFFIX] = (fi.A - f0.A).contiguous()
+        if "B" in factors:
+            out[module + B_SUFFIX] = (fi.B - f0.B).contiguous()
+    return out
+
+
+def sparse_upload(
+    start: GlobalState, trained: GlobalState, config: SparsifierConfig, seed: int
+) -> dict[str, WireTensor]:
+    """Sparse updates of both factors of every module, sparsified by ``config``.
+
+    ``seed`` seeds the generator of the random sparsifier (one stream over all modules, in
+    sorted module order), so an upload is reproducible.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, WireTensor] = {}
+    for module, f0 in start.items():
+        fi = trained[module]
+        sA, sB = sparsify_module_update(f0.A, f0.B, fi.A, fi.B, config, generator=gen)
+        out[module + A_SUFFIX] = sA
+        out[module + B_SUFFIX] = sB
+    return out
 
 
 def dense_delta(t: torch.Tensor, value_dtype: ValueDType) -> torch.Tensor:

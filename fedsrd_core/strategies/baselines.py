@@ -23,10 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from fedsrd_core.aggregate import Factor, average_factors, truncated_factors
-from fedsrd_core.sparsify import SparsifierConfig, sparsify_module_update
+from fedsrd_core.sparsify import SparsifierConfig
 from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState
 from fedsrd_core.strategies.base import (
     DeltaTensor,
@@ -37,7 +35,9 @@ from fedsrd_core.strategies.base import (
     WireTensor,
     check_probability,
     dense_delta,
+    dense_upload,
     register,
+    sparse_upload,
 )
 
 
@@ -95,32 +95,6 @@ class FedDAREConfig(StrategyConfig):
         check_probability("drop", self.drop)
 
 
-def _dense_upload(
-    start: GlobalState, trained: GlobalState, factors: frozenset[Factor]
-) -> dict[str, WireTensor]:
-    out: dict[str, WireTensor] = {}
-    for module, f0 in start.items():
-        fi = trained[module]
-        if "A" in factors:
-            out[module + A_SUFFIX] = (fi.A - f0.A).contiguous()
-        if "B" in factors:
-            out[module + B_SUFFIX] = (fi.B - f0.B).contiguous()
-    return out
-
-
-def _sparse_upload(
-    start: GlobalState, trained: GlobalState, cfg: SparsifierConfig, seed: int
-) -> dict[str, WireTensor]:
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, WireTensor] = {}
-    for module, f0 in start.items():
-        fi = trained[module]
-        sA, sB = sparsify_module_update(f0.A, f0.B, fi.A, fi.B, cfg, generator=gen)
-        out[module + A_SUFFIX] = sA
-        out[module + B_SUFFIX] = sB
-    return out
-
-
 class FedAvg(Strategy):
     """FedAvg on LoRA factors (FedIT): average A and B separately."""
 
@@ -133,8 +107,8 @@ class FedAvg(Strategy):
     ) -> dict[str, WireTensor]:
         sp = getattr(self.config, "upload_sparsifier", None)
         if sp is not None:
-            return _sparse_upload(start, trained, sp, client_seed)
-        return _dense_upload(start, trained, self.trainable_factors())
+            return sparse_upload(start, trained, sp, client_seed)
+        return dense_upload(start, trained, self.trainable_factors())
 
     def server_round(
         self, state: GlobalState, uploads: Sequence[Upload], ctx: RoundContext
@@ -185,7 +159,7 @@ class FedDARE(FedAvg):
     ) -> dict[str, WireTensor]:
         drop = float(getattr(self.config, "drop", 0.9))
         cfg = SparsifierConfig(method="random", ratio="fixed", zero_fraction=drop, rescale="dare")
-        return _sparse_upload(start, trained, cfg, client_seed)
+        return sparse_upload(start, trained, cfg, client_seed)
 
 
 class FlexLoRA(Strategy):
@@ -198,7 +172,7 @@ class FlexLoRA(Strategy):
     def client_upload(
         self, start: GlobalState, trained: GlobalState, ctx: RoundContext, *, client_seed: int = 0
     ) -> dict[str, WireTensor]:
-        return _dense_upload(start, trained, self.trainable_factors())
+        return dense_upload(start, trained, self.trainable_factors())
 
     def server_round(
         self, state: GlobalState, uploads: Sequence[Upload], ctx: RoundContext

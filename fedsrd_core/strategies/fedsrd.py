@@ -25,7 +25,7 @@ import torch
 from fedsrd_core.aggregate import average_factors, fedsrd_module_delta, truncated_factors
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.masks import keep_threshold, seeded_mask
-from fedsrd_core.sparsify import SparsifierConfig, sparsify_module_update
+from fedsrd_core.sparsify import SparsifierConfig
 from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState
 from fedsrd_core.strategies.base import (
     DeltaTensor,
@@ -37,6 +37,7 @@ from fedsrd_core.strategies.base import (
     check_probability,
     dense_delta,
     register,
+    sparse_upload,
 )
 
 ServerMode = Literal["alternating", "svd", "average"]
@@ -110,16 +111,7 @@ class FedSRD(Strategy):
         *,
         client_seed: int = 0,
     ) -> dict[str, WireTensor]:
-        gen = torch.Generator().manual_seed(client_seed)
-        out: dict[str, WireTensor] = {}
-        for module, f0 in start.items():
-            fi = trained[module]
-            sA, sB = sparsify_module_update(
-                f0.A, f0.B, fi.A, fi.B, self.config.sparsifier, generator=gen
-            )
-            out[module + A_SUFFIX] = sA
-            out[module + B_SUFFIX] = sB
-        return out
+        return sparse_upload(start, trained, self.config.sparsifier, client_seed)
 
     def server_round(
         self, state: GlobalState, uploads: Sequence[Upload], ctx: RoundContext
