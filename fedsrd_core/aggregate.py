@@ -21,8 +21,10 @@ the small differences of (*) instead of as ``W_r - B A`` avoids the cancellation
 the dense fp32 path its accuracy once the updates are small against ``B A``.
 
 ``W_perp`` comes from a Cholesky-QR of both factors (column-scaled Gram matrices, an
-eigendecomposition fallback when they are rank deficient or ill-conditioned) and the SVD of
-an ``m r x m r`` core. Every product is thin: ``O((d_out + d_in) (m r)^2)`` time and
+eigendecomposition fallback when they are rank deficient or ill-conditioned) and the top-r
+left singular subspace of an ``m r x m r`` core (subspace iteration started from ``B~``'s
+axes with a Davis-Kahan stopping bound, or an exact eigendecomposition when the spectral gap
+is small). Every product is thin: ``O((d_out + d_in) (m r)^2)`` time and
 ``O((d_out + d_in) m r)`` memory per module, against ``O(d_out d_in min(d_out, d_in))`` and
 ``O(d_out d_in)`` for the dense path in :mod:`fedsrd_core.reference`.
 
