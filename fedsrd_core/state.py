@@ -141,6 +141,33 @@ def apply_delta(state: GlobalState, delta: Mapping[str, torch.Tensor | SparseTen
             target.add_(value.to(device=target.device, dtype=target.dtype))
 
 
+def rebalance_factors(state: GlobalState) -> None:
+    """Balance each rank component's scale between ``B`` and ``A`` by a power of two, in place.
+
+    For component ``j`` with ``e_A = exponent(max |A[j, :]|)`` and
+    ``e_B = exponent(max |B[:, j]|)`` (``frexp`` exponents), ``k = floor((e_A - e_B) / 2)``,
+    ``B[:, j] *= 2**k`` and ``A[j, :] *= 2**-k``; components with an all-zero factor are left
+    alone. Scaling by a power of two is exact in floating point and so is every product
+    ``B[u, j] * A[j, v]``, so ``B @ A`` is unchanged bit for bit, and ``k`` is computed from
+    exact quantities (a maximum and an exponent), so every platform gets the same factors.
+
+    Why: FedSRD's alternating closed-form updates (``dA = pinv(B) T`` while ``B`` is still
+    small) let the norms of ``A`` and ``B`` drift apart by orders of magnitude. Adam then
+    takes steps of about the learning rate per element on each factor, so the change of
+    ``B A`` per step grows with the imbalance and local training overshoots.
+    """
+    for _, f in state.items():
+        a = f.A.abs().amax(dim=1)
+        b = f.B.abs().amax(dim=0)
+        ea = torch.frexp(a).exponent
+        eb = torch.frexp(b).exponent
+        k = torch.div(ea - eb, 2, rounding_mode="floor")
+        k = torch.where((a > 0) & (b > 0), k, torch.zeros_like(k))
+        if bool((k != 0).any()):
+            f.B.copy_(torch.ldexp(f.B, k.unsqueeze(0).to(f.B.device)))
+            f.A.copy_(torch.ldexp(f.A, (-k).unsqueeze(1).to(f.A.device)))
+
+
 def _le_bytes(t: torch.Tensor) -> bytes:
     """Row-major little-endian bytes of a float32 tensor, whatever the host byte order."""
     data = t.detach().to(device="cpu", dtype=torch.float32).contiguous()

@@ -113,11 +113,11 @@ def test_server_and_clients_stay_bit_identical_over_five_rounds(name, value_dtyp
         before = state_digest(server)
         delta = strategy.server_round(server, uploads, ctx)
         blob = encode(delta, value_dtype=value_dtype)
-        apply_delta(server, applicable(delta, ctx))
+        strategy.apply_global(server, applicable(delta, ctx))
         assert state_digest(server) != before, f"round {round_} changed nothing"
         for local in clients:
             received = decode(blob, expected_shapes={k: shapes[k] for k in delta})
-            apply_delta(local, received)
+            strategy.apply_global(local, received)
             assert state_digest(local) == state_digest(server)
 
 
@@ -227,3 +227,30 @@ def test_flexlora_download_gives_truncated_aggregate():
     W_r = dense_truncate(dense_aggregate(state["m"].A, state["m"].B, dAs, dBs, [1 / 3] * 3), 3)
     apply_delta(state, strategy.server_round(state, ups, ctx))
     torch.testing.assert_close((state["m"].B @ state["m"].A).double(), W_r, rtol=1e-4, atol=1e-5)
+
+
+def test_rebalance_keeps_the_product_bit_identical_and_balances():
+    from fedsrd_core.state import rebalance_factors
+
+    state = init_state({"m": (30, 20), "z": (5, 4)}, 4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    state["m"].B.copy_(torch.randn(30, 4, generator=g) * torch.tensor([1e-6, 1e-3, 1.0, 1e4]))
+    before = state["m"].B @ state["m"].A
+    zero_B = state["z"].A.clone()
+    rebalance_factors(state)
+    assert torch.equal(state["m"].B @ state["m"].A, before)
+    ratio = state["m"].A.abs().amax(dim=1) / state["m"].B.abs().amax(dim=0)
+    assert bool(((ratio > 0.2) & (ratio < 5)).all())
+    assert torch.equal(state["z"].A, zero_B)  # B = 0: left alone
+    again = state.clone()
+    rebalance_factors(again)
+    assert state_digest(again) == state_digest(state)  # idempotent
+
+
+def test_fedsrd_rebalances_after_apply_unless_disabled():
+    state = init_state({"m": (30, 20)}, 4, seed=0)
+    state["m"].B.fill_(1e-6)
+    get_strategy("fedsrd", {"rebalance": False}).apply_global(state, {})
+    assert float(state["m"].B.abs().max()) == pytest.approx(1e-6)
+    get_strategy("fedsrd").apply_global(state, {})
+    assert float(state["m"].B.abs().max()) > 1e-4

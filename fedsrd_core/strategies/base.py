@@ -29,7 +29,7 @@ from fedsrd_core.aggregate import Factor, Weighting, aggregation_weights
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.sparse import SparseTensor
 from fedsrd_core.sparsify import SparsifierConfig, sparsify_module_update
-from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState
+from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, apply_delta
 
 #: One wire entry of an upload or a global delta.
 WireTensor = torch.Tensor | SparseTensor
@@ -177,6 +177,19 @@ class Strategy(ABC):
         self, state: GlobalState, uploads: Sequence[Upload], ctx: RoundContext
     ) -> dict[str, DeltaTensor]:
         """The global delta of the round (wire-rounded values; ``state`` is not changed)."""
+
+    def apply_global(self, state: GlobalState, delta: Mapping[str, WireTensor]) -> None:
+        """Apply a (decoded) global delta to ``state`` in place, then the strategy's post-step.
+
+        Server and clients both call this with the same delta, so their states stay
+        bit-identical. The server passes the seeded entries expanded to positions (the
+        tensors it broadcast); a client passes what it decoded.
+        """
+        apply_delta(state, delta)
+        self.after_apply(state)
+
+    def after_apply(self, state: GlobalState) -> None:  # noqa: B027 - optional hook
+        """A deterministic, platform-independent step after each global delta (default: none)."""
 
     # -- helpers shared by the strategies ----------------------------------------------------
     def weights(self, uploads: Sequence[Upload]) -> list[float]:

@@ -26,7 +26,7 @@ from fedsrd_core.aggregate import average_factors, fedsrd_module_delta, truncate
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.masks import keep_threshold, seeded_mask
 from fedsrd_core.sparsify import SparsifierConfig
-from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState
+from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, rebalance_factors
 from fedsrd_core.strategies.base import (
     DeltaTensor,
     RoundContext,
@@ -52,6 +52,11 @@ class FedSRDConfig(StrategyConfig):
         sparsifier: the client's upload sparsifier (importance + adaptive ratio + L1 rescale).
         download_drop: DARE drop probability ``p`` of the download (paper: 0.8).
         server: ``"alternating"`` (the method), or the ablations ``"svd"`` / ``"average"``.
+        rebalance: after each global delta, balance every rank component between ``B`` and
+            ``A`` by an exact power of two (:func:`fedsrd_core.state.rebalance_factors`).
+            Not in the paper: without it the alternating updates let the factor norms drift
+            apart and local training diverges from round 3 in our simulations (README).
+            ``B A`` is unchanged bit for bit; False reproduces the paper.
         weighting: ``"uniform"`` (paper) or ``"samples"``.
     """
 
@@ -59,6 +64,7 @@ class FedSRDConfig(StrategyConfig):
     sparsifier: SparsifierConfig = field(default_factory=SparsifierConfig)
     download_drop: float = 0.8
     server: ServerMode = "alternating"
+    rebalance: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +73,8 @@ class FedSRDConfig(StrategyConfig):
         if not isinstance(self.sparsifier, SparsifierConfig):
             raise ValueError(f"`sparsifier` must be a SparsifierConfig, got {self.sparsifier!r}")
         check_probability("download_drop", self.download_drop)
+        if not isinstance(self.rebalance, bool):
+            raise ValueError(f"`rebalance` must be a bool, got {self.rebalance!r}")
         if self.server not in ("alternating", "svd", "average"):
             raise ValueError(
                 f"`server` must be 'alternating', 'svd' or 'average', got {self.server!r}"
@@ -112,6 +120,10 @@ class FedSRD(Strategy):
         client_seed: int = 0,
     ) -> dict[str, WireTensor]:
         return sparse_upload(start, trained, self.config.sparsifier, client_seed)
+
+    def after_apply(self, state: GlobalState) -> None:
+        if self.config.rebalance and self.config.server == "alternating":
+            rebalance_factors(state)
 
     def server_round(
         self, state: GlobalState, uploads: Sequence[Upload], ctx: RoundContext
