@@ -1,0 +1,276 @@
+"""Local fine-tuning: one client's round, and evaluation of the adapted model.
+
+A local round starts from the global LoRA factors, trains them for a fixed number of optimizer
+steps (fresh AdamW each round, constant learning rate, gradient accumulation, an optional
+FedProx term), with the loss on the response tokens only (Alpaca template), and returns the
+trained factors. The strategy then turns ``(start, trained)`` into the upload.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedsrd_core.data import Example, exact_match, first_line, prompt_and_response
+from fedsrd_core.peft_lora import peft_to_state, set_trainable, state_to_peft
+from fedsrd_core.state import GlobalState
+
+IGNORE_INDEX = -100  # label value the causal LM loss skips (prompt and padding tokens)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings (the paper: 10 steps of 32 sequences, constant LR).
+
+    Attributes:
+        steps: optimizer steps per round.
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        seq_len: maximum tokens per sequence (prompt + response + EOS), truncated at the end.
+        lr: constant learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping (None: no clipping).
+    """
+
+    steps: int = 10
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 384
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"`lr` must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, int | float) and self.weight_decay >= 0):
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"`max_grad_norm` must be > 0 or None, got {self.max_grad_norm!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of prompt + response + EOS, and labels masking the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(
+    example: Example, tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> TokenizedExample:
+    """Tokenise with the Alpaca template; only the response and EOS carry labels."""
+    prompt, response = prompt_and_response(example)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token")
+    ids = (list(p_ids) + list(r_ids) + [int(eos)])[:seq_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + [int(eos)])[:seq_len]
+    return TokenizedExample(ids, labels)
+
+
+def collate(
+    batch: Sequence[TokenizedExample], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: ``(input_ids, attention_mask, labels)``."""
+    width = max(len(t.input_ids) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, t in enumerate(batch):
+        n = len(t.input_ids)
+        ids[i, :n] = torch.tensor(t.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(t.labels)
+    return ids, mask, labels
+
+
+@dataclass
+class RoundStats:
+    """What a local round reports: loss per optimizer step, samples, wall time."""
+
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a PAD nor an EOS token")
+    return int(pad)
+
+
+def local_round(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    start: GlobalState,
+    config: TrainConfig,
+    *,
+    trainable: frozenset[str] = frozenset({"A", "B"}),
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[GlobalState, RoundStats]:
+    """Train the LoRA factors of ``model`` (a peft model) from ``start`` on ``examples``.
+
+    Each optimizer step averages ``grad_accum`` micro-batches of ``batch_size`` examples drawn
+    without replacement from a permutation of the data (reshuffled when exhausted) by a
+    generator seeded with ``seed``; dropout is seeded too, so a round is deterministic on a
+    given device. The loss is the mean token cross-entropy over response tokens plus, with
+    ``proximal_mu > 0``, ``mu / 2 * sum ||theta - theta_start||^2`` over the trained factors
+    (FedProx). AdamW is created fresh, with a constant learning rate.
+
+    Returns:
+        The trained factors (float32, CPU) and the round's statistics.
+    """
+    if not examples:
+        raise ValueError("no local examples to train on")
+    state_to_peft(start, model)
+    params = set_trainable(model, trainable)
+    if not params:
+        raise ValueError(f"nothing to train: trainable factors {sorted(trainable)}")
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+    )
+    device = params[0].device
+    pad_id = _pad_id(tokenizer)
+    data = [tokenize(e, tokenizer, config.seq_len) for e in examples]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+    order: list[int] = []
+    stats = RoundStats()
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(config.steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(config.grad_accum):
+            idx: list[int] = []
+            while len(idx) < config.batch_size:
+                if not order:
+                    order = torch.randperm(len(data), generator=gen).tolist()
+                idx.append(order.pop())
+            ids, mask, labels = (t.to(device) for t in collate([data[i] for i in idx], pad_id))
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = out.loss / config.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            stats.samples += len(idx)
+        if proximal_mu > 0:
+            prox = torch.stack(
+                [((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]
+            ).sum()
+            torch.autograd.backward(torch.mul(prox, 0.5 * proximal_mu))
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        stats.losses.append(step_loss)
+        if on_step is not None:
+            on_step(step + 1, step_loss)
+    model.eval()
+    stats.seconds = time.perf_counter() - t0
+    return peft_to_state(model), stats
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    seq_len: int = 384,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Mean response-token cross-entropy and perplexity on ``examples``.
+
+    Token-weighted over the whole set (not a mean of batch means), so it does not depend on
+    the batch size.
+    """
+    if not examples:
+        raise ValueError("no evaluation examples")
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    data = [tokenize(e, tokenizer, seq_len) for e in examples]
+    total, tokens = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        ids, mask, labels = (t.to(device) for t in collate(data[i : i + batch_size], pad_id))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        total += float(loss)
+        tokens += int((target != IGNORE_INDEX).sum())
+    mean = total / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": float(tokens)}
+
+
+@torch.no_grad()
+def exact_match_accuracy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 24,
+) -> float:
+    """Share of examples whose greedy answer (first generated line) equals the reference."""
+    if not examples:
+        raise ValueError("no evaluation examples")
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    hits = 0
+    for ex in examples:
+        prompt, reference = prompt_and_response(ex)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        generate: Callable[..., torch.Tensor] = model.generate  # type: ignore[assignment]
+        out = generate(
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=_pad_id(tokenizer),
+        )
+        text = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        hits += exact_match(first_line(str(text)), reference)
+    return hits / len(examples)
+
+
+def count_lora_parameters(model: torch.nn.Module) -> int:
+    """Number of LoRA factor parameters (A and B of every adapted layer)."""
+    return sum(
+        state_factor.A.numel() + state_factor.B.numel()
+        for _, state_factor in peft_to_state(model).items()
+    )
