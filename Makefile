@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-# The main job, until the control plane lands: the server-step, codec and communication
-# benchmarks on two Llama-3.2-3B-shaped layers, each printing a JSON summary.
+# The main job, until the control plane lands: a short simulated federation on the tiny
+# model, then the server-step, codec and communication benchmarks (JSON summaries).
 demo: setup
+	$(BIN)/fedsrd simulate --strategy fedsrd --rounds 3 --out runs/demo
 	$(BIN)/python benchmarks/server_step.py --quick
 	$(BIN)/python benchmarks/codec.py --quick
 	$(BIN)/python benchmarks/comm.py --quick
