@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from fedsrd_core.codec import SeededSparse, ValueDType, decode, encode, inspect
 from fedsrd_core.data import Example
+from fedsrd_core.modeling import model_fingerprint
 from fedsrd_core.peft_lora import adapter_layout, attach_lora, lora_config, state_to_peft
 from fedsrd_core.state import init_state, state_digest
 from fedsrd_core.strategies import RoundContext, Upload, get_strategy
@@ -103,12 +105,14 @@ class SimulationResult:
     rounds: list[RoundRecord]
     clients: int
     lora_parameters: int
+    model_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
             "clients": self.clients,
             "lora_parameters": self.lora_parameters,
+            "model_fingerprint": self.model_fingerprint,
             "rounds": [asdict(r) for r in self.rounds],
         }
 
@@ -158,6 +162,9 @@ def simulate(
     if not client_data or any(len(d) == 0 for d in client_data):
         raise ValueError("every client needs at least one local example")
     strategy = get_strategy(config.strategy, dict(config.strategy_config))
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"simulate needs a transformers causal LM, got {type(model).__name__}")
+    fingerprint = model_fingerprint(model)  # the base model's identity, before LoRA
     peft_model = attach_lora(
         model,
         lora_config(
@@ -241,7 +248,7 @@ def simulate(
                 digest=state_digest(server),
             )
         )
-    return SimulationResult(config.to_dict(), records, n, server.num_parameters())
+    return SimulationResult(config.to_dict(), records, n, server.num_parameters(), fingerprint)
 
 
 def _names(blob: bytes) -> list[str]:
@@ -263,6 +270,8 @@ def markdown_report(result: SimulationResult) -> str:
         "",
         f"LoRA r={cfg['rank']} on `{cfg['target_modules']}` ({result.lora_parameters:,} "
         f"parameters), values {cfg['value_dtype']}, seed {cfg['seed']}.",
+        "",
+        f"Base model fingerprint: `{result.model_fingerprint}`.",
         "",
     ]
     eval_names = list(result.rounds[0].eval) if result.rounds else []

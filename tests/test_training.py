@@ -201,6 +201,9 @@ def test_simulation_end_to_end(tiny_path, tmp_path, strategy):
         assert all(b > 0 for b in r.bytes_up.values())
         assert set(r.eval) == set(evals)
         assert ("exact_match" in r.eval[DOMAINS[0]]) == (r.round == 3)
+    from fedsrd_core.modeling import fingerprint_directory
+
+    assert result.model_fingerprint == fingerprint_directory(str(tiny_path))
     rec, rep = write_outputs(result, tmp_path / "out")
     assert rec.exists() and "| round |" in rep.read_text()
     assert markdown_report(result).startswith(f"# Simulation: {strategy}")
