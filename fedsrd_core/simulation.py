@@ -21,13 +21,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fedsrd_core.codec import SeededSparse, ValueDType, decode, encode, inspect
+from fedsrd_core.codec import ValueDType, decode, encode, inspect
 from fedsrd_core.data import Example
 from fedsrd_core.modeling import model_fingerprint
 from fedsrd_core.peft_lora import adapter_layout, attach_lora, lora_config, state_to_peft
 from fedsrd_core.state import init_state, state_digest
 from fedsrd_core.strategies import RoundContext, Upload, get_strategy
-from fedsrd_core.strategies.base import DeltaTensor
 from fedsrd_core.training import (
     TrainConfig,
     evaluate_loss,
@@ -228,9 +227,12 @@ def simulate(
             strategy.apply_global(
                 client_view, decode(down, expected_shapes={k: shapes[k] for k in delta})
             )
-            strategy.apply_global(server, _applicable(delta))
-            if state_digest(client_view) != state_digest(server):
+            strategy.apply_global(server, delta)
+            digest = state_digest(server)
+            if state_digest(client_view) != digest:
                 raise RuntimeError(f"round {t}: client and server states diverged")
+        else:
+            digest = state_digest(server)
         state_to_peft(server, peft_model)
         t0 = time.perf_counter()
         metrics = _evaluate(peft_model, tokenizer, eval_sets, config, last=t == config.rounds)
@@ -245,7 +247,7 @@ def simulate(
                 train_loss=losses,
                 eval=metrics,
                 seconds=secs,
-                digest=state_digest(server),
+                digest=digest,
             )
         )
     return SimulationResult(config.to_dict(), records, n, server.num_parameters(), fingerprint)
@@ -253,13 +255,6 @@ def simulate(
 
 def _names(blob: bytes) -> list[str]:
     return [i.name for i in inspect(blob)]
-
-
-def _applicable(delta: Mapping[str, DeltaTensor]) -> dict[str, Any]:
-    """What the server applies: seeded entries expanded to the positions it generated."""
-    return {
-        name: (t.to_sparse(name) if isinstance(t, SeededSparse) else t) for name, t in delta.items()
-    }
 
 
 def markdown_report(result: SimulationResult) -> str:

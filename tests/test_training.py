@@ -19,7 +19,7 @@ from fedsrd_core.peft_lora import (
     state_to_peft,
 )
 from fedsrd_core.simulation import SimulationConfig, markdown_report, simulate, write_outputs
-from fedsrd_core.state import apply_delta, init_state, state_digest
+from fedsrd_core.state import init_state, state_digest
 from fedsrd_core.strategies import RoundContext, Upload, get_strategy
 from fedsrd_core.tiny_assets import tiny_model_path
 from fedsrd_core.training import (
@@ -173,8 +173,8 @@ def test_one_real_round_through_the_codec_keeps_everyone_in_sync(peft_model):
         uploads.append(Upload(decode(blob, expected_shapes=server.wire_shapes()), 16))
     delta = strategy.server_round(server, uploads, ctx)
     client = server.clone()
-    apply_delta(client, decode(encode(delta)))
-    apply_delta(server, {k: v.to_sparse(k) for k, v in delta.items()})
+    strategy.apply_global(client, decode(encode(delta)))
+    strategy.apply_global(server, delta)
     assert state_digest(client) == state_digest(server)
 
 

@@ -178,14 +178,20 @@ class Strategy(ABC):
     ) -> dict[str, DeltaTensor]:
         """The global delta of the round (wire-rounded values; ``state`` is not changed)."""
 
-    def apply_global(self, state: GlobalState, delta: Mapping[str, WireTensor]) -> None:
-        """Apply a (decoded) global delta to ``state`` in place, then the strategy's post-step.
+    def apply_global(self, state: GlobalState, delta: Mapping[str, DeltaTensor]) -> None:
+        """Apply a global delta to ``state`` in place, then the strategy's post-step.
 
-        Server and clients both call this with the same delta, so their states stay
-        bit-identical. The server passes the seeded entries expanded to positions (the
-        tensors it broadcast); a client passes what it decoded.
+        The server passes the delta its ``server_round`` returned (seeded entries are expanded
+        here to the positions their mask keeps); a client passes what it decoded. The values
+        are the same wire-rounded float32 numbers, so the states stay bit-identical.
         """
-        apply_delta(state, delta)
+        apply_delta(
+            state,
+            {
+                name: t.to_sparse(name) if isinstance(t, SeededSparse) else t
+                for name, t in delta.items()
+            },
+        )
         self.after_apply(state)
 
     def after_apply(self, state: GlobalState) -> None:  # noqa: B027 - optional hook
