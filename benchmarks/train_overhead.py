@@ -9,12 +9,18 @@ hand-written transformers + peft loop doing the same steps on the same batches (
 tokenisation, same order), run alternately in one process (min of the repeats; the ratio is
 what to read on a shared machine). Then the FedSRD client's sparsify + encode as a share of
 the local round, for the tiny model, and its absolute time for a Llama-3.2-3B-shaped adapter
-(r=64, 196 modules; a 3B local round cannot run on this CPU, so that share is left to a GPU).
+(r=64, 196 modules; a 3B local round cannot run on this CPU, so that share is left to a GPU),
+and the peak resident-memory increase of that sparsify + encode, measured in a separate
+process, next to the size of the largest dense ``d_out x d_in`` module matrix.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 import warnings
 
@@ -62,6 +68,37 @@ def plain_loop(model, tokenizer, examples, cfg: TrainConfig, seed: int) -> float
     return time.perf_counter() - t0
 
 
+def memory_probe(layout_name: str) -> None:
+    """Child process: peak RSS increase while one Llama-3B-shaped upload is sparsified and
+    encoded (inputs are rebuilt from seeds; the fixed mmap threshold makes RSS track live
+    memory, see benchmarks/_common.py)."""
+    start = c.started_state(c.LAYOUTS[layout_name], 64)
+    trained = c.trained_copy(start, seed=1)
+    strat = get_strategy("fedsrd")
+    with c.peak_rss() as mem:
+        blob = encode(strat.client_upload(start, trained, RoundContext(round=1)))
+    print(
+        json.dumps(
+            {
+                "peak_rss_increase_mib": (mem["peak"] - mem["baseline"]) / c.MIB,
+                "blob_mib": len(blob) / c.MIB,
+            }
+        )
+    )
+
+
+def measure_memory(layout_name: str) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", layout_name],
+        env={**os.environ, **c.MEMORY_PROBE_ENV},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,7 +106,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--cache-dir", default="/tmp/fedsrd-cache")
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
     repeats = 3 if args.quick else args.repeats
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
@@ -98,7 +139,8 @@ def main() -> None:
 
     tiny_se, _ = c.best_of(lambda: sparsify_encode(start, trained), repeats)
 
-    big_start = c.started_state(c.LAYOUTS["small" if args.quick else "llama-3.2-3b"], 64)
+    big_layout = "small" if args.quick else "llama-3.2-3b"
+    big_start = c.started_state(c.LAYOUTS[big_layout], 64)
     big_trained = c.trained_copy(big_start, seed=1)
     big_se, blob = c.best_of(lambda: sparsify_encode(big_start, big_trained), 1)
     summary = {
@@ -114,6 +156,12 @@ def main() -> None:
         "llama_3b_adapter": "small (2 layers)" if args.quick else "llama-3.2-3b (196 modules)",
         "llama_3b_sparsify_encode_seconds": round(big_se, 3),
         "llama_3b_upload_mib": round(len(blob) / c.MIB, 2),
+        "llama_3b_sparsify_encode_peak_rss_increase_mib": round(
+            measure_memory(big_layout)["peak_rss_increase_mib"], 1
+        ),
+        "largest_dense_module_matrix_mib": round(
+            max(o * i for o, i in c.LAYOUTS[big_layout].values()) * 4 / c.MIB, 1
+        ),
         "targets": {"local_round_over_plain": 1.05, "sparsify_encode_share": 0.02},
     }
     c.emit(summary)
