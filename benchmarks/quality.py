@@ -13,8 +13,9 @@ on the last line of stdout.
 
 Configurations (the paper's Tables 3, 4 and 7): the seven strategies; FedSRD's cumulative
 ablation (fixed ratio, then random instead of importance, then a dense SVD download instead
-of the alternating decomposition, then plain A/B averaging instead of reconstruction); and
-FedAvg with importance, random or magnitude upload sparsification at 5% density.
+of the alternating decomposition, then plain A/B averaging instead of reconstruction);
+FedAvg with importance, random or magnitude upload sparsification at 5% density; and two
+diagnostics: FedSRD without DARE on the download, and without factor rebalancing.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "fedavg + importance 5%": ("fedavg", _sparse_fedavg("importance"), "sparsifier"),
     "fedavg + random 5%": ("fedavg", _sparse_fedavg("random"), "sparsifier"),
     "fedavg + magnitude 5%": ("fedavg", _sparse_fedavg("magnitude"), "sparsifier"),
+    # Diagnostics (not in the paper): which part of FedSRD costs quality at this scale.
+    "fedsrd, no DARE on the download": ("fedsrd", {"download_drop": 0.0}, "diagnostic"),
+    "fedsrd, rebalance=false (the paper)": ("fedsrd", {"rebalance": False}, "diagnostic"),
 }
 
 #: The paper's in-domain average scores (higher is better; Llama-3.2-3B), for the table.

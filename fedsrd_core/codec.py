@@ -130,6 +130,9 @@ class SeededSparse:
         round: round number in ``[0, 2**64)``.
         keep_threshold: integer in ``[0, 2**32]`` (see ``masks.keep_threshold``).
         values: 1-D floating tensor, one value per kept position.
+        known_positions: optional ``(name, positions)`` from the sender that drew the mask
+            (the server's DARE step), so that it does not hash the mask again to encode or
+            apply it; it is never transmitted, and any other name regenerates the mask.
     """
 
     shape: tuple[int, ...]
@@ -137,6 +140,9 @@ class SeededSparse:
     round: int
     keep_threshold: int
     values: torch.Tensor
+    known_positions: tuple[str, torch.Tensor] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         _check_shape(self.shape, "SeededSparse")
@@ -159,6 +165,8 @@ class SeededSparse:
 
     def positions(self, name: str) -> torch.Tensor:
         """The kept flat positions (int64, increasing) of this mask under tensor ``name``."""
+        if self.known_positions is not None and self.known_positions[0] == name:
+            return self.known_positions[1]
         pos = seeded_positions(self.seed, self.round, name, self.numel, self.keep_threshold)
         assert pos is not None  # no max_count given
         return pos
@@ -528,9 +536,13 @@ def encode(
         if isinstance(t, SeededSparse):
             shape = t.shape
             vals = t.values
-            pos = seeded_positions(
-                t.seed, t.round, name, t.numel, t.keep_threshold, max_count=vals.numel()
-            )
+            pos: torch.Tensor | None
+            if t.known_positions is not None and t.known_positions[0] == name:
+                pos = t.known_positions[1]
+            else:
+                pos = seeded_positions(
+                    t.seed, t.round, name, t.numel, t.keep_threshold, max_count=vals.numel()
+                )
             if pos is None or pos.numel() != vals.numel():
                 kept = f"more than {vals.numel()}" if pos is None else str(pos.numel())
                 raise ValueError(

@@ -243,3 +243,19 @@ def test_fedsrd_rebalances_after_apply_unless_disabled():
     assert float(state["m"].B.abs().max()) == pytest.approx(1e-6)
     get_strategy("fedsrd").apply_global(state, {})
     assert float(state["m"].B.abs().max()) > 1e-4
+
+
+def test_dare_download_positions_are_the_seeded_mask():
+    """The server's cached positions equal what a client regenerates from the mask."""
+    from fedsrd_core.masks import keep_threshold, seeded_positions
+    from fedsrd_core.strategies import dare_download
+
+    delta = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    t = dare_download(delta, "m.lora_B", seed=3, round_=5, drop=0.8, value_dtype="fp32")
+    regenerated = seeded_positions(3, 5, "m.lora_B", 320, keep_threshold(0.2))
+    assert torch.equal(t.positions("m.lora_B"), regenerated)
+    torch.testing.assert_close(t.values, delta.reshape(-1)[regenerated] * 5.0)
+    other = t.positions("m.lora_A")  # another name: regenerated, not the cache
+    assert torch.equal(other, seeded_positions(3, 5, "m.lora_A", 320, keep_threshold(0.2)))
+    decoded = decode(encode({"m.lora_B": t}))["m.lora_B"]
+    assert torch.equal(decoded.indices, regenerated)

@@ -95,8 +95,16 @@ def dare_download(
     ``(seed, round, name)``, so the blob carries values only."""
     thr = keep_threshold(1.0 - drop)
     mask = seeded_mask(seed, round_, name, tuple(delta.shape), thr, device=delta.device)
-    values = delta.reshape(-1)[mask.reshape(-1)] * (1.0 / (1.0 - drop))
-    return SeededSparse(tuple(delta.shape), seed, round_, thr, quantize(values, value_dtype))
+    positions = torch.nonzero(mask.reshape(-1)).view(-1)
+    values = delta.reshape(-1)[positions] * (1.0 / (1.0 - drop))
+    return SeededSparse(
+        tuple(delta.shape),
+        seed,
+        round_,
+        thr,
+        quantize(values, value_dtype),
+        known_positions=(name, positions),
+    )
 
 
 class FedSRD(Strategy):
