@@ -1,6 +1,6 @@
 """The paper's experiment in miniature: every strategy, the ablation, the sparsifiers.
 
-    python benchmarks/quality.py            # 3 seeds, 5 rounds (about 10 min on 2 cores)
+    python benchmarks/quality.py            # 3 seeds, 5 rounds (about 12 min on 2 cores)
     python benchmarks/quality.py --quick    # 1 seed, 3 rounds, no exact match (< 2 min)
 
 Four clients, one domain each (arithmetic, code, facts, rewrite), full participation, on the
