@@ -95,15 +95,16 @@ def _run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_exact_match=args.exact_match,
     )
-    train = [e for d in DOMAINS for e in generate(d, args.train_per_domain, seed=args.seed)]
     if args.data:
         clients = [load_examples(p) for p in args.data]
-    elif args.partition == "domain":
-        clients = partition_by_domain(train)
-    elif args.partition == "iid":
-        clients = partition_iid(train, args.clients, seed=args.seed)
     else:
-        clients = partition_dirichlet(train, args.clients, args.alpha, seed=args.seed)
+        train = [e for d in DOMAINS for e in generate(d, args.train_per_domain, seed=args.seed)]
+        if args.partition == "domain":
+            clients = partition_by_domain(train)
+        elif args.partition == "iid":
+            clients = partition_iid(train, args.clients, seed=args.seed)
+        else:
+            clients = partition_dirichlet(train, args.clients, args.alpha, seed=args.seed)
     eval_sets = {
         d: generate(d, args.eval_per_domain, seed=args.seed, split="eval")
         for d in (*DOMAINS, *OOD_DOMAINS)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from fedsrd_core.codec import ValueDType, decode, encode, inspect
+from fedsrd_core.codec import ValueDType, decode, encode
 from fedsrd_core.data import Example
 from fedsrd_core.modeling import model_fingerprint
 from fedsrd_core.peft_lora import adapter_layout, attach_lora, lora_config, state_to_peft
@@ -176,6 +176,7 @@ def simulate(
     layout = adapter_layout(peft_model)
     server = init_state(layout, config.rank, seed=config.seed)
     shapes = server.wire_shapes()
+    upload_shapes = strategy.upload_shapes(server)
     rng = random.Random(f"fedsrd-sim:{config.seed}")
     n = len(client_data)
     per_round = max(1, math.ceil(config.participation * n))
@@ -211,10 +212,7 @@ def simulate(
             )
             secs["sparsify_encode"] += time.perf_counter() - t0
             bytes_up[c] = len(blob)
-            # The layout check is the server's: names outside the adapter are rejected by
-            # decode ("unexpected name"), shapes must match exactly.
-            expected = {k: shapes[k] for k in _names(blob) if k in shapes}
-            received = decode(blob, expected_shapes=expected)
+            received = decode(blob, expected_shapes=upload_shapes)
             uploads.append(Upload(received, num_samples=len(client_data[c])))
         bytes_down = 0
         if uploads:
@@ -251,10 +249,6 @@ def simulate(
             )
         )
     return SimulationResult(config.to_dict(), records, n, server.num_parameters(), fingerprint)
-
-
-def _names(blob: bytes) -> list[str]:
-    return [i.name for i in inspect(blob)]
 
 
 def markdown_report(result: SimulationResult) -> str:

@@ -266,11 +266,3 @@ def exact_match_accuracy(
         text = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         hits += exact_match(first_line(str(text)), reference)
     return hits / len(examples)
-
-
-def count_lora_parameters(model: torch.nn.Module) -> int:
-    """Number of LoRA factor parameters (A and B of every adapted layer)."""
-    return sum(
-        state_factor.A.numel() + state_factor.B.numel()
-        for _, state_factor in peft_to_state(model).items()
-    )

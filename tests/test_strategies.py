@@ -259,3 +259,24 @@ def test_dare_download_positions_are_the_seeded_mask():
     assert torch.equal(other, seeded_positions(3, 5, "m.lora_A", 320, keep_threshold(0.2)))
     decoded = decode(encode({"m.lora_B": t}))["m.lora_B"]
     assert torch.equal(decoded.indices, regenerated)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_uploads_carry_exactly_the_declared_tensors(name):
+    strategy = get_strategy(name)
+    state = init_state(LAYOUT, RANK, seed=0)
+    up = strategy.client_upload(state, local_training(state, strategy, 0), RoundContext(round=1))
+    shapes = strategy.upload_shapes(state)
+    assert set(up) == set(shapes)
+    decode(encode(up), expected_shapes=shapes)  # what the server checks
+
+
+def test_an_upload_missing_a_tensor_is_rejected():
+    from fedsrd_core.codec import WireFormatError
+
+    strategy = get_strategy("fedsrd")
+    state = init_state(LAYOUT, RANK, seed=0)
+    up = strategy.client_upload(state, local_training(state, strategy, 0), RoundContext(round=1))
+    up.pop("layers.0.q.lora_A")
+    with pytest.raises(WireFormatError, match="missing"):
+        decode(encode(up), expected_shapes=strategy.upload_shapes(state))

@@ -29,7 +29,7 @@ from fedsrd_core.aggregate import Factor, Weighting, aggregation_weights
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.sparse import SparseTensor
 from fedsrd_core.sparsify import SparsifierConfig, sparsify_module_update
-from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, apply_delta
+from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, apply_delta, split_wire_name
 
 #: One wire entry of an upload or a global delta.
 WireTensor = torch.Tensor | SparseTensor
@@ -155,6 +155,16 @@ class Strategy(ABC):
     def trainable_factors(self) -> frozenset[Factor]:
         """Which LoRA factors local training updates (FFA-LoRA freezes ``A``)."""
         return frozenset({"A", "B"})
+
+    def upload_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        """The tensors (wire name -> shape) every upload must carry, exactly: the update of
+        each trainable factor of each module. The server decodes uploads against this."""
+        factors = self.trainable_factors()
+        return {
+            name: shape
+            for name, shape in state.wire_shapes().items()
+            if split_wire_name(name)[1] in factors
+        }
 
     def proximal_mu(self) -> float:
         """Weight ``mu`` of the FedProx term ``mu/2 ||theta - theta_global||^2`` (0: none)."""
