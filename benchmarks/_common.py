@@ -104,9 +104,3 @@ def log(msg: str) -> None:
 
 
 MIB = 1024 * 1024
-
-
-def argparse_formatter() -> type:
-    import argparse
-
-    return argparse.RawDescriptionHelpFormatter

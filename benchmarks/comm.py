@@ -30,7 +30,9 @@ TARGETS_MIB = {"fedsrd_total_fp32": 62, "fedsrd_total_bf16": 34}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=c.argparse_formatter())
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="2 layers instead of 28")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--strategies", nargs="*", default=available_strategies())
