@@ -1,0 +1,589 @@
+"""Content-addressed blob store: uploads, global deltas and state snapshots, keyed by SHA-256.
+
+The control plane keeps its rows in SQL and its large payloads (sparse LoRA updates uploaded by
+clients, global deltas, state snapshots; up to a few hundred MiB) here. One interface,
+:class:`BlobStore`, with a local-directory implementation, :class:`LocalBlobStore`; an
+S3-compatible one comes later and must pass the same contract tests
+(``tests/test_blobstore.py``). This module is stdlib only and knows nothing of HTTP; its
+:class:`BlobError` subclasses carry messages meant to reach the client as 4xx details.
+
+Invariants every implementation keeps, and every caller relies on:
+
+* **Content-addressed and immutable.** A blob's key is the lowercase hex SHA-256 of its bytes,
+  computed by the store while the bytes stream in, never taken on trust from the client (a
+  client's claimed hash is only *checked*: ``commit(expected_sha256=...)``). A key therefore
+  names exactly one content, forever: storing the same bytes twice is a no-op that returns
+  the same :class:`BlobRef`, and a stored blob is never rewritten in place.
+* **Complete before referenced.** A blob becomes visible under its key only once it is
+  complete and durable (written to a temp file, fsynced, atomically renamed, directory
+  fsynced). Callers must ``commit`` the blob *before* the database transaction that inserts
+  the row naming it commits, so a row never points at a missing or partial blob. The reverse
+  failure (blob committed, transaction rolled back) only leaves an orphan blob, which is
+  harmless and removed by garbage collection.
+* **Deletion is garbage collection.** :meth:`BlobStore.delete` is for blobs that no row
+  references. Because a duplicate upload returns at once when the content already exists, a
+  collector must leave a grace period (e.g. only delete blobs unreferenced for longer than
+  the longest upload) so it never removes a blob that a concurrent request has just "stored".
+* **Never unpickled.** Blobs are untrusted client bytes. They are decoded only by the wire
+  codec or safetensors, never by ``pickle`` or ``torch.load`` without ``weights_only=True``.
+* **Keys are validated.** Every method taking a key rejects anything but 64 lowercase hex
+  characters with :class:`InvalidBlobKey`, which also rules out path traversal.
+* **No debris.** A writer that is aborted, exceeds its size limit, fails its hash check or
+  leaves its ``with`` block uncommitted (exception included) removes its temp data at once.
+  Only a crashed process leaves temp files behind; :meth:`BlobStore.cleanup_temp` sweeps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import time
+import uuid
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, BinaryIO, Protocol, Self
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "BlobError",
+    "BlobHashMismatch",
+    "BlobNotFound",
+    "BlobRef",
+    "BlobStore",
+    "BlobTooLarge",
+    "BlobWriter",
+    "BlobWriterBase",
+    "BytesLike",
+    "InvalidBlobKey",
+    "LocalBlobStore",
+    "LocalBlobWriter",
+    "is_sha256_hex",
+    "open_blob_store",
+]
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+#: What a writer accepts as a chunk.
+BytesLike = bytes | bytearray | memoryview
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class BlobError(Exception):
+    """Base of the store's errors; their messages are fit to return to a client (4xx)."""
+
+
+class BlobNotFound(BlobError):  # noqa: N818 (names of the API contract)
+    """No blob is stored under ``sha``."""
+
+    def __init__(self, sha: str) -> None:
+        self.sha = sha
+        super().__init__(f"blob {sha} not found")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.sha,))
+
+
+class BlobTooLarge(BlobError):  # noqa: N818 (names of the API contract)
+    """The blob being written exceeds the writer's ``max_bytes`` limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"blob exceeds the size limit of {limit} bytes")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.limit,))
+
+
+class BlobHashMismatch(BlobError):  # noqa: N818 (names of the API contract)
+    """The SHA-256 of the bytes received differs from the one the sender declared."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"blob SHA-256 mismatch: expected {expected}, received content hashes to {actual}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.expected, self.actual))
+
+
+class InvalidBlobKey(BlobError):  # noqa: N818 (names of the API contract)
+    """A key that is not a SHA-256 hex digest (64 lowercase hex characters)."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        shown = repr(key)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(
+            f"invalid blob key {shown}: expected a SHA-256 digest as 64 lowercase hex characters"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key,))
+
+
+def is_sha256_hex(s: str) -> bool:
+    """Whether ``s`` is exactly 64 lowercase hex characters (no whitespace, no newline)."""
+    return isinstance(s, str) and _SHA256_HEX.fullmatch(s) is not None
+
+
+def _check_key(key: str) -> str:
+    if not is_sha256_hex(key):
+        raise InvalidBlobKey(key)
+    return key
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A stored blob: its key (lowercase hex SHA-256 of the content) and its size in bytes."""
+
+    sha256: str
+    size: int
+
+
+# --------------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------------
+
+
+class BlobWriter(Protocol):
+    """Streams one blob into a store; obtained from :meth:`BlobStore.writer`.
+
+    Use it as a context manager::
+
+        with store.writer(max_bytes=limit) as w:
+            for chunk in body:
+                w.write(chunk)            # may raise BlobTooLarge
+            ref = w.commit(claimed_sha)   # may raise BlobHashMismatch
+
+    Leaving the block without :meth:`commit` (an exception included) aborts: the temp data
+    is removed and nothing is stored. After commit or abort, :meth:`write` raises
+    ``ValueError``; :meth:`abort` after either is a no-op.
+    """
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        ...
+
+    @property
+    def sha256(self) -> str:
+        """Lowercase hex SHA-256 of the bytes written so far."""
+        ...
+
+    def write(self, chunk: BytesLike) -> None:
+        """Append ``chunk``; raises :class:`BlobTooLarge` (and aborts) past ``max_bytes``."""
+        ...
+
+    def commit(self, expected_sha256: str | None = None) -> BlobRef:
+        """Make the blob durable and visible under its SHA-256; see :class:`BlobWriterBase`."""
+        ...
+
+    def abort(self) -> None:
+        """Discard what was written; idempotent, and a no-op after commit."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class BlobWriterBase(ABC):
+    """The writer state machine shared by all stores: hashing, size limit, commit/abort.
+
+    Subclasses only move bytes: :meth:`_write_raw` appends, :meth:`_publish` makes the
+    complete blob visible under its key (a no-op if it already exists), :meth:`_discard`
+    removes the temp data (idempotently; it may already be gone).
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        self._max_bytes = max_bytes
+        self._hasher = hashlib.sha256()
+        self._size = 0
+        self._state = "open"  # "open" | "committed" | "aborted"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def sha256(self) -> str:
+        return self._hasher.hexdigest()
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._max_bytes
+
+    @property
+    def closed(self) -> bool:
+        """True once committed or aborted."""
+        return self._state != "open"
+
+    def _check_open(self, what: str) -> None:
+        if self._state != "open":
+            raise ValueError(f"cannot {what}: blob writer is already {self._state}")
+
+    def write(self, chunk: BytesLike) -> None:
+        self._check_open("write")
+        n = memoryview(chunk).nbytes
+        if self._max_bytes is not None and self._size + n > self._max_bytes:
+            self.abort()
+            raise BlobTooLarge(self._max_bytes)
+        if n == 0:
+            return
+        try:
+            self._write_raw(chunk)
+        except BaseException:
+            self.abort()
+            raise
+        self._hasher.update(chunk)
+        self._size += n
+
+    def commit(self, expected_sha256: str | None = None) -> BlobRef:
+        """Verify, then make the blob durable and visible under its SHA-256.
+
+        Raises :class:`BlobHashMismatch` (or :class:`InvalidBlobKey` for a malformed
+        ``expected_sha256``) and discards the data if the check fails. If a blob with this
+        content already exists, the new copy is dropped and the existing one kept (blobs are
+        immutable). Any failure aborts the writer.
+        """
+        self._check_open("commit")
+        ref = BlobRef(self._hasher.hexdigest(), self._size)
+        try:
+            if expected_sha256 is not None:
+                _check_key(expected_sha256)
+                if expected_sha256 != ref.sha256:
+                    raise BlobHashMismatch(expected_sha256, ref.sha256)
+            self._publish(ref)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return ref
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._discard()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+    @abstractmethod
+    def _write_raw(self, chunk: BytesLike) -> None: ...
+
+    @abstractmethod
+    def _publish(self, ref: BlobRef) -> None: ...
+
+    @abstractmethod
+    def _discard(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+
+class BlobStore(ABC):
+    """A content-addressed, immutable store of binary blobs keyed by SHA-256 hex.
+
+    See the module docstring for the invariants. Methods taking a key raise
+    :class:`InvalidBlobKey` for a malformed one and :class:`BlobNotFound` for a missing blob
+    (except :meth:`exists` and :meth:`delete`). Implementations must be safe for several
+    processes (API replicas, workers) sharing the same store.
+    """
+
+    @abstractmethod
+    def writer(self, max_bytes: int | None = None) -> BlobWriter:
+        """A writer for one new blob; ``max_bytes`` caps its size (None: no cap)."""
+
+    def put_bytes(self, data: bytes, expected_sha256: str | None = None) -> BlobRef:
+        """Store ``data`` (verified against ``expected_sha256`` if given); idempotent."""
+        if expected_sha256 is not None:
+            _check_key(expected_sha256)
+        with self.writer() as w:
+            w.write(data)
+            return w.commit(expected_sha256)
+
+    @abstractmethod
+    def exists(self, sha: str) -> bool:
+        """Whether a complete blob is stored under ``sha``."""
+
+    @abstractmethod
+    def size(self, sha: str) -> int:
+        """The blob's size in bytes."""
+
+    @abstractmethod
+    def open(self, sha: str) -> BinaryIO:
+        """The blob opened read-only for binary reading; the caller closes it."""
+
+    def read_bytes(self, sha: str) -> bytes:
+        """The whole blob in memory (mind the size; prefer :meth:`iter_chunks` for big ones)."""
+        with self.open(sha) as fh:
+            return fh.read()
+
+    def iter_chunks(self, sha: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+        """The blob's content as chunks of ``chunk_size`` bytes (the last may be shorter).
+
+        Validation and the lookup happen at the call, not at the first ``next``: a missing
+        blob raises :class:`BlobNotFound` here, before a streaming response has started.
+        """
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        return _read_chunks(self.open(sha), chunk_size)
+
+    @abstractmethod
+    def delete(self, sha: str) -> None:
+        """Remove the blob; no error if it is missing. For garbage collection only."""
+
+    def local_path(self, sha: str) -> Path | None:
+        """The blob's file, where the store keeps blobs as local files; None otherwise.
+
+        Lets the web layer answer with a zero-copy file response. Stores that return a path
+        raise :class:`BlobNotFound` for a missing blob; remote stores return None without a
+        lookup.
+        """
+        _check_key(sha)
+        return None
+
+    @abstractmethod
+    def cleanup_temp(self, older_than_seconds: float = 3600) -> int:
+        """Remove temp data abandoned (by a crashed process) more than that long ago.
+
+        Age is the time since the temp data was last written, so a live upload that keeps
+        sending is never swept. Returns how many temp items were removed.
+        """
+
+
+def _read_chunks(fh: IO[bytes], chunk_size: int) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(chunk_size):
+            yield chunk
+
+
+# --------------------------------------------------------------------------------------------
+# Local directory
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside ``path`` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _discard_temp(fh: IO[bytes], path: str) -> None:
+    """Close and remove a temp file; the finalizer of a writer dropped without commit/abort."""
+    try:
+        fh.close()
+    finally:
+        _remove_quietly(path)
+
+
+class LocalBlobWriter(BlobWriterBase):
+    """Writes into a unique temp file under ``root/tmp``, renamed into place on commit."""
+
+    def __init__(self, store: LocalBlobStore, max_bytes: int | None = None) -> None:
+        super().__init__(max_bytes)
+        self._store = store
+        self._tmp_path = str(store.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self._tmp_path, flags, 0o644)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o644)  # readable by other processes whatever the umask
+            self._fh: IO[bytes] = open(fd, "wb")  # noqa: SIM115 (closed by commit/abort)
+        except BaseException:
+            os.close(fd)
+            _remove_quietly(self._tmp_path)
+            raise
+        # A writer dropped without commit or abort still removes its temp file.
+        self._finalizer = weakref.finalize(self, _discard_temp, self._fh, self._tmp_path)
+
+    def _write_raw(self, chunk: BytesLike) -> None:
+        self._fh.write(chunk)
+
+    def _publish(self, ref: BlobRef) -> None:
+        dest = self._store._blob_path(ref.sha256)
+        try:
+            if dest.stat().st_size == ref.size:
+                self._discard()  # already stored: blobs are immutable, keep the existing one
+                return
+        except FileNotFoundError:
+            pass
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        created = self._store._make_shard_dirs(dest.parent)
+        os.replace(self._tmp_path, dest)
+        self._finalizer.detach()
+        _fsync_dir(dest.parent)
+        for d in created:  # new shard dirs: make their entries in the parents durable too
+            _fsync_dir(d.parent)
+
+    def _discard(self) -> None:
+        self._finalizer.detach()
+        _discard_temp(self._fh, self._tmp_path)
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under a local directory (shared by API replicas and workers).
+
+    Layout: ``root/sha256/<sha[:2]>/<sha[2:4]>/<sha>`` for blobs, ``root/tmp/`` for uploads in
+    progress (same filesystem, so the final ``os.replace`` is atomic). Files are mode 0o644.
+    Writers of the same content in several processes all succeed: each writes its own temp
+    file and the renames are atomic replacements of identical content. Shard directories are
+    never removed, so a rename never races a directory removal.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.blob_dir = self.root / "sha256"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    def _blob_path(self, sha: str) -> Path:
+        _check_key(sha)
+        return self.blob_dir / sha[:2] / sha[2:4] / sha
+
+    def _make_shard_dirs(self, directory: Path) -> list[Path]:
+        """Create ``directory`` and its missing parents; return those this call created."""
+        created: list[Path] = []
+        d = directory
+        while d != self.blob_dir and not d.is_dir():
+            created.append(d)
+            d = d.parent
+        for d in reversed(created):
+            with contextlib.suppress(FileExistsError):  # another writer made it first
+                d.mkdir()
+        return created
+
+    def writer(self, max_bytes: int | None = None) -> LocalBlobWriter:
+        return LocalBlobWriter(self, max_bytes)
+
+    def exists(self, sha: str) -> bool:
+        return self._blob_path(sha).is_file()
+
+    def size(self, sha: str) -> int:
+        path = self._blob_path(sha)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(sha) from None
+
+    def open(self, sha: str) -> BinaryIO:
+        path = self._blob_path(sha)
+        try:
+            return open(path, "rb")  # the caller closes it
+        except FileNotFoundError:
+            raise BlobNotFound(sha) from None
+
+    def read_bytes(self, sha: str) -> bytes:
+        path = self._blob_path(sha)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(sha) from None
+
+    def delete(self, sha: str) -> None:
+        _remove_quietly(str(self._blob_path(sha)))
+
+    def local_path(self, sha: str) -> Path:
+        path = self._blob_path(sha)
+        if not path.is_file():
+            raise BlobNotFound(sha)
+        return path
+
+    def cleanup_temp(self, older_than_seconds: float = 3600) -> int:
+        if older_than_seconds < 0:
+            raise ValueError(f"older_than_seconds must be >= 0, got {older_than_seconds}")
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        with os.scandir(self.tmp_dir) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:  # committed, aborted or swept meanwhile
+                    continue
+                removed += 1
+        return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------
+
+
+def open_blob_store(url: str) -> BlobStore:
+    """The store a URL names: ``file:///abs/path`` or a plain path -> :class:`LocalBlobStore`.
+
+    Any other scheme raises ``ValueError`` (the message names the scheme, never the rest of
+    the URL, which may hold credentials).
+    """
+    if not url:
+        raise ValueError("unsupported blob store URL '': expected file:///abs/path or a path")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):  # plain path (or C:\...)
+        return LocalBlobStore(Path(url).expanduser())
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(
+                "unsupported blob store URL: file URLs must be file:///absolute/path "
+                "(no host, absolute path)"
+            )
+        return LocalBlobStore(Path(unquote(parts.path)))
+    raise ValueError(
+        f"unsupported blob store URL scheme {scheme!r}: expected file:///abs/path or a path"
+    )

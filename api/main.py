@@ -1,0 +1,146 @@
+"""The FastAPI application: ``create_app(settings)``; ``api.main:app`` for uvicorn.
+
+Errors have one shape everywhere, ``{"error": code, "detail": ...}``: domain errors from
+the services map to their 4xx status here, request validation to 422 naming the field, and
+anything unexpected to a 500 that names nothing internal (and is logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.errors import ApiError
+from api.metrics import LATENCY, REQUESTS
+from api.routes import agent, health, runs
+from api.runtime import Runtime, make_runtime
+from api.services import reconcile
+from api.services import rounds as round_service
+from api.settings import Settings
+from api.watch import RunWatcher
+
+log = logging.getLogger("api")
+
+
+def _error(
+    status: int, code: str, detail: Any, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ())]
+        out.append(
+            {
+                "field": ".".join(
+                    loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
+                ),
+                "in": loc[0] if loc else "",
+                "message": e.get("msg", ""),
+            }
+        )
+    return out
+
+
+async def _sweeper(rt: Runtime, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await run_in_threadpool(round_service.sweep, rt)
+        except Exception:
+            log.exception("deadline sweep failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rt.settings.sweep_interval)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or Settings()
+    rt = runtime or make_runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Reconcile first: a round a crashed worker left aggregating is re-sent.
+        try:
+            n = await run_in_threadpool(reconcile.reconcile, rt)
+            if n:
+                log.info("reconciled on start: %d task(s) re-sent", n)
+        except Exception:
+            log.exception("reconciliation failed")
+        rt.blobs.cleanup_temp()
+        watcher = RunWatcher(rt)
+        watcher.start()
+        app.state.watcher = watcher
+        stop = asyncio.Event()
+        sweeper = asyncio.create_task(_sweeper(rt, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await sweeper
+            await watcher.stop()
+
+    app = FastAPI(
+        title="FedSRD federation orchestrator",
+        version="0.1.0",
+        description="Control plane of communication-efficient federated LoRA fine-tuning.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = rt
+    app.state.watcher = RunWatcher(
+        rt
+    )  # replaced at start-up; lets TestClient without lifespan work
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid", _validation_detail(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal", "internal error (logged on the server)")
+
+    @app.middleware("http")
+    async def _observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        LATENCY.labels(request.method, path).observe(time.perf_counter() - t0)
+        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    app.include_router(health.router)
+    app.include_router(runs.router)
+    app.include_router(agent.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory api.main:app_from_env``: settings from the
+    environment, logging to stderr. Importing this module connects to nothing."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app()

@@ -1,0 +1,156 @@
+"""Agent endpoints: a client site's token authorises it for its own run only."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.blobstore import BlobTooLarge
+from api.deps import AgentDep, RuntimeDep
+from api.errors import InvalidInput, TooLarge
+from api.schemas import AgentRunInfo, HeartbeatIn, LoraSettings, PollResponse, TrainSettings
+from api.schemas import UpdateAccepted as UpdateAcceptedOut
+from api.services import agent as agent_service
+from api.services import clients as client_service
+from api.services import runs as run_service
+from api.services import updates as update_service
+
+router = APIRouter(prefix="/api/v1/agent/runs/{run_id}", tags=["agent"])
+Sha = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
+
+
+@router.get("")
+def run_info(run_id: int, ident: AgentDep, rt: RuntimeDep) -> AgentRunInfo:
+    """The run as an agent needs it: model identity, adapter, strategy, local training."""
+    run = run_service.agent_run(rt, run_id)
+    cfg = run.config
+    return AgentRunInfo(
+        run_id=run.id,
+        client_id=ident.client_id,
+        client_name=ident.name,
+        status=run.status,  # type: ignore[arg-type]
+        base_model=run.base_model,
+        model_fingerprint=run.model_fingerprint,
+        lora=LoraSettings(**cfg["lora"]),
+        layout=run.layout,
+        strategy=cfg["strategy"],
+        strategy_config=cfg["strategy_config"],
+        train=TrainSettings(**cfg["train"]),
+        value_dtype=cfg["value_dtype"],
+        seed=cfg["seed"],
+        total_rounds=run.total_rounds,
+        current_round=run.current_round,
+    )
+
+
+@router.get("/poll")
+async def poll(
+    request: Request,
+    response: Response,
+    ident: AgentDep,
+    rt: RuntimeDep,
+    have_round: Annotated[int | None, Query(ge=-1)] = None,
+    wait: Annotated[float, Query(ge=0.0, le=300.0)] = 0.0,
+) -> PollResponse:
+    """What to do next. ``have_round``: the round whose global state the agent holds (-1 or
+    absent: none). ``wait``: hold the request up to this many seconds until there is work
+    (a long poll); a ``wait`` answer carries ``Retry-After``."""
+    watcher = request.app.state.watcher
+    deadline = time.monotonic() + min(wait, rt.settings.poll_max_wait)
+    while True:
+        answer, version = await run_in_threadpool(agent_service.poll_once, rt, ident, have_round)
+        remaining = deadline - time.monotonic()
+        if answer.action != "wait" or remaining <= 0:
+            break
+        await watcher.wait(ident.run_id, version, remaining)
+    if answer.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(answer.retry_after)))
+    return answer
+
+
+@router.get(
+    "/blobs/{sha256}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download(sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> Response:
+    """A global blob of the run (initial state, global delta or snapshot); never another
+    client's update."""
+    size = agent_service.check_download(rt, ident, sha256)
+    with rt.transaction() as tx:
+        client_service.add_bytes_down(tx.session, ident.client_id, size)
+    headers = {"X-Content-SHA256": sha256, "Cache-Control": "private, immutable"}
+    path = rt.blobs.local_path(sha256)
+    if path is not None:
+        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(
+        rt.blobs.iter_chunks(sha256), media_type="application/octet-stream", headers=headers
+    )
+
+
+@router.put("/rounds/{number}/update")
+async def upload(
+    request: Request,
+    number: Annotated[int, Path(ge=1)],
+    ident: AgentDep,
+    rt: RuntimeDep,
+    base_round: Annotated[int, Query(ge=0)],
+    x_content_sha256: Annotated[str, Header(pattern=r"^[0-9a-f]{64}$")],
+    num_samples: Annotated[int, Query(ge=0, le=2**31 - 1)] = 1,
+    train_loss: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+) -> UpdateAcceptedOut:
+    """Upload the sparse update for round ``number`` (body: the wire-format blob;
+    ``X-Content-SHA256``: its SHA-256). Streams to disk under the run's size cap, checks the
+    hash, decodes and validates it completely, then stores it. An identical retry of an
+    accepted update returns the same answer."""
+    pre = await run_in_threadpool(
+        update_service.precheck, rt, ident.client_id, number, base_round, x_content_sha256
+    )
+    if pre.existing is None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > pre.size_cap:
+            raise TooLarge(
+                f"update of {declared} bytes exceeds this run's cap of {pre.size_cap} bytes"
+            )
+        buf = bytearray()
+        with rt.blobs.writer(max_bytes=pre.size_cap) as writer:
+            try:
+                async for chunk in request.stream():
+                    writer.write(chunk)
+                    buf += chunk
+            except BlobTooLarge as e:
+                raise TooLarge(f"update exceeds this run's cap of {pre.size_cap} bytes") from e
+            if writer.sha256 != x_content_sha256:
+                raise InvalidInput(
+                    f"X-Content-SHA256 is {x_content_sha256} but the body's SHA-256 is "
+                    f"{writer.sha256} ({writer.size} bytes received)"
+                )
+            await run_in_threadpool(update_service.validate_blob, pre.run, bytes(buf))
+            ref = update_service.write_blob(writer, x_content_sha256)
+        del buf
+        accepted = await run_in_threadpool(
+            update_service.record,
+            rt,
+            ident.client_id,
+            number,
+            base_round,
+            num_samples,
+            ref,
+            train_loss,
+        )
+    else:
+        accepted = pre.existing
+    return UpdateAcceptedOut(**accepted.__dict__)
+
+
+@router.post("/heartbeat", status_code=204)
+def heartbeat(body: HeartbeatIn, ident: AgentDep, rt: RuntimeDep) -> Response:
+    """Progress of local training (step, loss, samples/s): the client is alive."""
+    with rt.transaction() as tx:
+        client = client_service.get(tx.session, ident.run_id, ident.client_id)
+        client_service.record_progress(tx.session, client, body.model_dump())
+    return Response(status_code=204)

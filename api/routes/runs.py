@@ -1,0 +1,196 @@
+"""Admin endpoints: runs, their clients, rounds and the exported adapter."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from api.deps import AdminDep, RuntimeDep
+from api.errors import Conflict, NotFound
+from api.models import Client, Round, Run, utcnow
+from api.schemas import (
+    ClientCreate,
+    ClientEnrolled,
+    ClientPublic,
+    ClientsPublic,
+    RoundPublic,
+    RoundsPublic,
+    RunCreate,
+    RunPublic,
+    RunsPublic,
+)
+from api.services import clients as client_service
+from api.services import runs as run_service
+from api.services.states import lora_parameters
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[AdminDep])
+RunId = Annotated[int, Path(ge=1)]
+
+
+def run_public(run: Run) -> RunPublic:
+    return RunPublic(
+        id=run.id,
+        name=run.name,
+        status=run.status,  # type: ignore[arg-type]
+        status_reason=run.status_reason,
+        base_model=run.base_model,
+        model_fingerprint=run.model_fingerprint,
+        strategy=run.config["strategy"],
+        total_rounds=run.total_rounds,
+        current_round=run.current_round,
+        lora_parameters=lora_parameters(run),
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        config=run.config,
+    )
+
+
+def client_public(c: Client, run: Run, current: Round | None, now: dt.datetime) -> ClientPublic:
+    return ClientPublic(
+        id=c.id,
+        run_id=c.run_id,
+        name=c.name,
+        status=c.status,  # type: ignore[arg-type]
+        simulated=c.simulated,
+        liveness=client_service.liveness(c, run, current, now),
+        created_at=c.created_at,
+        last_seen_at=c.last_seen_at,
+        rounds_done=c.rounds_done,
+        bytes_up=c.bytes_up,
+        bytes_down=c.bytes_down,
+        progress=c.progress,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_run(
+    body: RunCreate, rt: RuntimeDep, launch: Annotated[bool, Query()] = False
+) -> RunPublic:
+    """Create a run (validates the model and adapter); ``?launch=true`` also launches it."""
+    run = run_service.create(rt, body)
+    if launch:
+        run = run_service.launch(rt, run.id)
+    return run_public(run)
+
+
+@router.get("")
+def list_runs(
+    rt: RuntimeDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> RunsPublic:
+    rows, count = run_service.list_runs(rt, offset, limit)
+    return RunsPublic(data=[run_public(r) for r in rows], count=count)
+
+
+@router.get("/{run_id}")
+def get_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
+    return run_public(run_service.get(rt, run_id))
+
+
+@router.post("/{run_id}/launch")
+def launch_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
+    return run_public(run_service.launch(rt, run_id))
+
+
+@router.post("/{run_id}/cancel")
+def cancel_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
+    return run_public(run_service.cancel(rt, run_id))
+
+
+@router.post("/{run_id}/resume")
+def resume_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
+    """Resume a failed run, or re-send the work of a running one after a restart."""
+    return run_public(run_service.resume(rt, run_id))
+
+
+@router.post("/{run_id}/clients", status_code=status.HTTP_201_CREATED)
+def enroll_client(run_id: RunId, body: ClientCreate, rt: RuntimeDep) -> ClientEnrolled:
+    """Enroll a client; the response holds its token, shown this once."""
+    client, token = run_service.enroll_client(rt, run_id, body.name)
+    run, current, _ = run_service.list_clients(rt, run_id)
+    pub = client_public(client, run, current, utcnow())
+    return ClientEnrolled(**pub.model_dump(), token=token)
+
+
+@router.get("/{run_id}/clients")
+def list_clients(run_id: RunId, rt: RuntimeDep) -> ClientsPublic:
+    run, current, rows = run_service.list_clients(rt, run_id)
+    now = utcnow()
+    return ClientsPublic(data=[client_public(c, run, current, now) for c in rows], count=len(rows))
+
+
+@router.post("/{run_id}/clients/{client_id}/revoke")
+def revoke_client(
+    run_id: RunId, client_id: Annotated[int, Path(ge=1)], rt: RuntimeDep
+) -> ClientPublic:
+    client = run_service.revoke_client(rt, run_id, client_id)
+    run, current, _ = run_service.list_clients(rt, run_id)
+    return client_public(client, run, current, utcnow())
+
+
+@router.get("/{run_id}/rounds")
+def list_rounds(run_id: RunId, rt: RuntimeDep) -> RoundsPublic:
+    """Per-round metrics: participants, bytes up/down, losses, durations, state digest."""
+    _, rows = run_service.rounds_of(rt, run_id)
+    data = [
+        RoundPublic(
+            number=r.number,
+            status=r.status,  # type: ignore[arg-type]
+            expected=r.expected,
+            uploaded=uploaded,
+            opened_at=r.opened_at,
+            deadline_at=r.deadline_at,
+            closed_at=r.closed_at,
+            digest=r.digest,
+            delta_size=r.delta_size,
+            snapshot_size=r.snapshot_size,
+            metrics=r.metrics,
+            attempts=r.attempts,
+            error=r.error,
+        )
+        for r, uploaded in rows
+    ]
+    return RoundsPublic(data=data, count=len(data))
+
+
+@router.get(
+    "/{run_id}/adapter",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def export_adapter(
+    run_id: RunId, rt: RuntimeDep, round: Annotated[int | None, Query(ge=0)] = None
+) -> Response:
+    """The global adapter after ``round`` (default: the newest closed round) as a zipped
+    peft directory (adapter_config.json + adapter_model.safetensors)."""
+    from api.services.states import load_state, snapshot_blob
+    from fedsrd_core.export import adapter_zip
+
+    run, rows = run_service.rounds_of(rt, run_id)
+    closed = [r.number for r, _ in rows if r.status == "closed"]
+    number = round if round is not None else (max(closed) if closed else 0)
+    if snapshot_blob(run, number) is None:
+        if run.status == "created":
+            raise Conflict(f"run {run_id} has not been launched; there is no adapter yet")
+        raise NotFound(f"run {run_id} has no global state for round {number}")
+    state = load_state(rt, run, number)
+    lora = run.config["lora"]
+    data = adapter_zip(
+        state,
+        base_model=run.base_model,
+        rank=int(lora["rank"]),
+        alpha=lora["alpha"],
+        dropout=float(lora["dropout"]),
+        target_modules=lora["target_modules"],
+    )
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": f'attachment; filename="run-{run_id}-round-{number}-adapter.zip"'
+        },
+    )

@@ -1,0 +1,1 @@
+"""Services own the transactions; routers and tasks call them with a runtime."""

@@ -1,0 +1,171 @@
+"""What an agent sees: its run, the next thing to do, and how to reach the current state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import Conflict, Forbidden, NotFound
+from api.models import Client, Round, Run, Update
+from api.runtime import Runtime
+from api.schemas import BlobPublic, PollResponse, RunStatus, SyncPlan
+from api.services import clients as client_service
+from api.services import rounds as round_service
+
+#: Seconds an agent with nothing to do waits before polling again.
+RETRY_AFTER = 2.0
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    client_id: int
+    run_id: int
+    name: str
+
+
+def authenticate(rt: Runtime, token: str | None, run_id: int) -> AgentIdentity:
+    """The client behind ``token``, which must belong to run ``run_id``."""
+    with rt.transaction() as tx:
+        client = client_service.authenticate(tx.session, token)
+        if client.run_id != run_id:
+            raise Forbidden(f"this client token belongs to another run, not run {run_id}")
+        client_service.touch(tx.session, client)
+        return AgentIdentity(client.id, client.run_id, client.name)
+
+
+def last_closed(run: Run, current: Round | None) -> int:
+    """Number of the newest round whose delta exists (the global state's round)."""
+    if current is None:
+        return 0
+    return current.number if current.status == "closed" else current.number - 1
+
+
+def sync_plan(s: Session, run: Run, from_round: int | None, to_round: int) -> SyncPlan:
+    """Snapshot or deltas, whichever is fewer bytes, from ``from_round`` to ``to_round``.
+
+    ``from_round`` None (or -1) means the agent holds nothing: it needs a snapshot.
+    """
+    if from_round is not None and from_round > to_round:
+        raise Conflict(
+            f"you report the state of round {from_round}, but the run's newest state is "
+            f"round {to_round}"
+        )
+    rounds = {
+        r.number: r
+        for r in s.scalars(select(Round).where(Round.run_id == run.id, Round.status == "closed"))
+    }
+
+    def snapshot() -> BlobPublic:
+        if to_round == 0:
+            assert run.initial_blob
+            assert run.initial_digest
+            assert run.initial_size is not None
+            return BlobPublic(
+                round=0, sha256=run.initial_blob, size=run.initial_size, digest=run.initial_digest
+            )
+        r = rounds[to_round]
+        assert r.snapshot_blob
+        assert r.snapshot_size is not None
+        assert r.digest
+        return BlobPublic(
+            round=to_round, sha256=r.snapshot_blob, size=r.snapshot_size, digest=r.digest
+        )
+
+    if from_round is None or from_round < 0:
+        snap = snapshot()
+        return SyncPlan(from_round=-1, to_round=to_round, snapshot=snap, deltas=[], bytes=snap.size)
+    deltas = []
+    for n in range(from_round + 1, to_round + 1):
+        r = rounds[n]
+        assert r.delta_blob
+        assert r.delta_size is not None
+        assert r.digest
+        deltas.append(BlobPublic(round=n, sha256=r.delta_blob, size=r.delta_size, digest=r.digest))
+    delta_bytes = sum(d.size for d in deltas)
+    if deltas:
+        snap = snapshot()
+        if snap.size < delta_bytes:
+            return SyncPlan(
+                from_round=from_round, to_round=to_round, snapshot=snap, deltas=[], bytes=snap.size
+            )
+    return SyncPlan(
+        from_round=from_round, to_round=to_round, snapshot=None, deltas=deltas, bytes=delta_bytes
+    )
+
+
+def poll_once(
+    rt: Runtime, ident: AgentIdentity, have_round: int | None
+) -> tuple[PollResponse, int]:
+    """The agent's next action, and the run's version (long polls wait for it to change)."""
+    with rt.sessions() as s:
+        run = s.get(Run, ident.run_id)
+        client = s.get(Client, ident.client_id)
+        assert run is not None
+        assert client is not None
+        version = run.version
+        status = cast(RunStatus, run.status)
+        if client.status == "revoked":
+            return PollResponse(action="stop", run_status=status, reason="client revoked"), version
+        if run.status == "completed":
+            return PollResponse(action="done", run_status="completed"), version
+        if run.status == "cancelled":
+            return PollResponse(
+                action="stop", run_status="cancelled", reason=run.status_reason
+            ), version
+        wait = PollResponse(
+            action="wait",
+            run_status=status,
+            retry_after=RETRY_AFTER,
+            reason=run.status_reason if run.status == "failed" else None,
+        )
+        if run.status != "running":
+            return wait, version
+        rnd = round_service.current_round(s, run)
+        if rnd is None or rnd.status != "open" or client.id not in rnd.expected:
+            return wait, version
+        done = s.scalar(
+            select(Update.id).where(Update.round_id == rnd.id, Update.client_id == client.id)
+        )
+        if done is not None:
+            return wait, version
+        plan = None
+        base = rnd.number - 1
+        if have_round is None or have_round != base:
+            plan = sync_plan(s, run, have_round, base)
+        return (
+            PollResponse(
+                action="train",
+                run_status="running",
+                round=rnd.number,
+                base_round=base,
+                deadline_at=rnd.deadline_at,
+                sync=plan,
+            ),
+            version,
+        )
+
+
+def check_download(rt: Runtime, ident: AgentIdentity, sha256: str) -> int:
+    """Authorise a download: only the run's global blobs (initial state, global deltas,
+    snapshots), never any client's update. Returns the blob's size."""
+    with rt.sessions() as s:
+        run = s.get(Run, ident.run_id)
+        assert run is not None
+        if run.initial_blob == sha256:
+            return int(run.initial_size or 0)
+        r = s.scalar(
+            select(Round)
+            .where(
+                Round.run_id == run.id,
+                Round.status == "closed",
+                (Round.delta_blob == sha256) | (Round.snapshot_blob == sha256),
+            )
+            .limit(1)
+        )
+        if r is None:
+            raise NotFound(f"run {run.id} has no global blob {sha256}")
+        size = r.delta_size if r.delta_blob == sha256 else r.snapshot_size
+        return int(size or 0)

@@ -1,0 +1,126 @@
+"""Clients: enrollment, tokens, authentication, revocation, and their counters (the only
+writer of the ``clients`` table)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.errors import Conflict, Gone, NotFound, Unauthorized
+from api.models import Client, Round, Run, utcnow
+
+TOKEN_PREFIX = "fsc_"
+#: last_seen_at is refreshed at most this often, so 200 polling agents do not mean 200
+#: writes a second.
+_SEEN_RESOLUTION = dt.timedelta(seconds=5)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def enroll(s: Session, run: Run, name: str, *, simulated: bool = False) -> tuple[Client, str]:
+    """Add a client to ``run``; returns it and its token (shown once, stored hashed)."""
+    if run.status in ("completed", "cancelled"):
+        raise Conflict(f"run {run.id} is {run.status}; no more clients can join")
+    if s.scalar(select(Client.id).where(Client.run_id == run.id, Client.name == name)):
+        raise Conflict(f"run {run.id} already has a client named {name!r}")
+    token = new_token()
+    client = Client(
+        run_id=run.id,
+        name=name,
+        token_hash=hash_token(token),
+        status="active",
+        simulated=simulated,
+        rounds_done=0,
+        bytes_up=0,
+        bytes_down=0,
+    )
+    s.add(client)
+    s.flush()
+    return client, token
+
+
+def authenticate(s: Session, token: str | None) -> Client:
+    """The active client holding ``token``; 401 if unknown, 410 if revoked."""
+    if not token:
+        raise Unauthorized("missing client token (Authorization: Bearer <token>)")
+    digest = hash_token(token)
+    client = s.scalar(select(Client).where(Client.token_hash == digest))
+    # The lookup is by hash, so its timing says nothing about the token; compare anyway.
+    if client is None or not hmac.compare_digest(client.token_hash, digest):
+        raise Unauthorized("invalid client token")
+    if client.status == "revoked":
+        raise Gone(f"client {client.name!r} has been revoked")
+    return client
+
+
+def get(s: Session, run_id: int, client_id: int) -> Client:
+    client = s.get(Client, client_id)
+    if client is None or client.run_id != run_id:
+        raise NotFound(f"run {run_id} has no client {client_id}")
+    return client
+
+
+def revoke(s: Session, client: Client) -> None:
+    client.status = "revoked"
+    s.flush()
+
+
+def touch(s: Session, client: Client, now: dt.datetime | None = None) -> None:
+    now = now or utcnow()
+    if client.last_seen_at is None or now - client.last_seen_at >= _SEEN_RESOLUTION:
+        client.last_seen_at = now
+
+
+def record_progress(s: Session, client: Client, progress: dict[str, Any]) -> None:
+    now = utcnow()
+    client.progress = {**progress, "at": now.isoformat()}
+    client.last_seen_at = now
+
+
+def add_bytes_down(s: Session, client_id: int, size: int) -> None:
+    # An SQL increment: concurrent downloads by one client must not lose counts.
+    s.execute(
+        update(Client).where(Client.id == client_id).values(bytes_down=Client.bytes_down + size)
+    )
+
+
+def record_upload(s: Session, client: Client, size: int) -> None:
+    client.bytes_up = Client.bytes_up + size
+    client.last_seen_at = utcnow()
+
+
+def record_rounds_done(s: Session, client_ids: list[int]) -> None:
+    if client_ids:
+        s.execute(
+            update(Client)
+            .where(Client.id.in_(client_ids))
+            .values(rounds_done=Client.rounds_done + 1)
+        )
+
+
+def liveness(client: Client, run: Run, current: Round | None, now: dt.datetime) -> str:
+    """idle | training | gone | revoked, for dashboards and the round-closing rule."""
+    if client.status == "revoked":
+        return "revoked"
+    timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
+    if client.simulated:
+        return "idle"
+    seen = client.last_seen_at
+    if seen is None or now - seen > timeout:
+        return "gone"
+    p = client.progress
+    if p and current is not None and current.status == "open" and p.get("round") == current.number:
+        return "training"
+    return "idle"

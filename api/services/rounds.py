@@ -1,0 +1,277 @@
+"""The round lifecycle (the only writer of ``rounds``, and of a run's progress fields).
+
+open -> aggregating -> closed; an open round closes when every expected client has
+uploaded, or when it has its quorum and every missing client is gone (silent for
+``client_timeout_s``), or at its deadline with the quorum. Below quorum at the deadline the
+run's policy extends the deadline or fails the run. Every transition locks the round row
+first (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite transactions are already exclusive),
+so two concurrent uploads or an upload racing the deadline sweep close a round exactly once,
+and the aggregation task is sent only after that transaction commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.models import Client, Round, Run, Update, utcnow
+from api.runtime import Runtime, Transaction
+from api.services import clients as client_service
+
+
+def lock_run(s: Session, run_id: int) -> Run | None:
+    return s.scalar(select(Run).where(Run.id == run_id).with_for_update())
+
+
+def lock_run_and_round(s: Session, round_id: int) -> tuple[Run, Round] | None:
+    """Lock a round and its run, always in the order run, then round (no deadlocks)."""
+    run_id = s.scalar(select(Round.run_id).where(Round.id == round_id))
+    if run_id is None:
+        return None
+    run = lock_run(s, run_id)
+    rnd = s.scalar(select(Round).where(Round.id == round_id).with_for_update())
+    if run is None or rnd is None:
+        return None
+    return run, rnd
+
+
+def current_round(s: Session, run: Run) -> Round | None:
+    if run.current_round == 0:
+        return None
+    return s.scalar(select(Round).where(Round.run_id == run.id, Round.number == run.current_round))
+
+
+def _select_clients(s: Session, run: Run, number: int) -> list[int]:
+    active = list(
+        s.scalars(
+            select(Client.id)
+            .where(Client.run_id == run.id, Client.status == "active")
+            .order_by(Client.id)
+        )
+    )
+    k = run.config.get("clients_per_round")
+    if k is None or k >= len(active):
+        return active
+    # Seeded by run and round: the same run re-selects the same clients after a restart.
+    rng = random.Random(f"fedsrd-select:{run.config.get('seed', 0)}:{number}")
+    return sorted(rng.sample(active, int(k)))
+
+
+def deadline_from(run: Run, start: dt.datetime) -> dt.datetime:
+    return start + dt.timedelta(seconds=float(run.config["round_deadline_s"]))
+
+
+def open_round(tx: Transaction, rt: Runtime, run: Run, number: int) -> Round:
+    """Open round ``number`` of ``run`` (the caller holds the run's lock)."""
+    s = tx.session
+    now = utcnow()
+    expected = _select_clients(s, run, number)
+    rnd = Round(
+        run_id=run.id,
+        number=number,
+        status="open",
+        expected=expected,
+        opened_at=now,
+        deadline_at=deadline_from(run, now),
+        metrics={},
+        attempts=0,
+    )
+    s.add(rnd)
+    run.current_round = number
+    run.version = run.version + 1
+    s.flush()
+    train_simulated(tx, rt, run, rnd)
+    return rnd
+
+
+def train_simulated(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> None:
+    if not run.config.get("simulation"):
+        return
+    s = tx.session
+    uploaded = set(s.scalars(select(Update.client_id).where(Update.round_id == rnd.id)))
+    sim = set(
+        s.scalars(select(Client.id).where(Client.run_id == run.id, Client.simulated.is_(True)))
+    )
+    for cid in rnd.expected:
+        if cid in sim and cid not in uploaded:
+            tx.after_commit(
+                lambda c=cid: rt.dispatcher.train(run.id, c, rnd.number)  # type: ignore[misc]
+            )
+
+
+def uploaded_clients(s: Session, rnd: Round) -> list[int]:
+    return sorted(s.scalars(select(Update.client_id).where(Update.round_id == rnd.id)))
+
+
+def _is_gone(client: Client, rnd: Round, timeout: dt.timedelta, now: dt.datetime) -> bool:
+    if client.status == "revoked":
+        return True
+    if client.simulated:
+        return False  # workers retry; a simulated client is never "gone"
+    seen = client.last_seen_at
+    if seen is None:
+        return now - rnd.opened_at > timeout
+    return now - seen > timeout
+
+
+def maybe_close(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> bool:
+    """Apply the closing rule to the locked open round ``rnd``; True if it closed now."""
+    if rnd.status != "open" or run.status != "running":
+        return False
+    s = tx.session
+    now = utcnow()
+    uploaded = set(uploaded_clients(s, rnd))
+    missing = [c for c in rnd.expected if c not in uploaded]
+    quorum = int(run.config.get("quorum", 1))
+    close = False
+    reason = ""
+    if uploaded and not missing:
+        close, reason = True, "all expected clients uploaded"
+    elif len(uploaded) >= quorum:
+        timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
+        rows = s.scalars(select(Client).where(Client.id.in_(missing))).all()
+        if all(_is_gone(c, rnd, timeout, now) for c in rows):
+            close, reason = True, "quorum reached; missing clients are gone"
+        elif now >= rnd.deadline_at:
+            close, reason = True, "deadline passed with quorum"
+    elif now >= rnd.deadline_at:
+        if run.config.get("below_quorum", "extend") == "extend":
+            rnd.deadline_at = deadline_from(run, now)
+            run.version = run.version + 1
+            return False
+        rnd.status = "failed"
+        rnd.closed_at = now
+        rnd.error = f"deadline passed with {len(uploaded)} update(s), quorum is {quorum}"
+        run.status = "failed"
+        run.status_reason = f"round {rnd.number}: {rnd.error}"
+        run.version = run.version + 1
+        return False
+    if not close:
+        return False
+    rnd.status = "aggregating"
+    rnd.collected_at = now
+    rnd.metrics = {**rnd.metrics, "close_reason": reason}
+    run.version = run.version + 1
+    round_id = rnd.id
+    tx.after_commit(lambda: rt.dispatcher.aggregate(round_id))
+    return True
+
+
+def start_aggregation(rt: Runtime, round_id: int) -> bool:
+    """Count an aggregation attempt; False if the round is not waiting for aggregation
+    (already closed by an earlier run of the task: nothing to do)."""
+    with rt.transaction() as tx:
+        locked = lock_run_and_round(tx.session, round_id)
+        if locked is None or locked[1].status != "aggregating":
+            return False
+        rnd = locked[1]
+        rnd.attempts = rnd.attempts + 1
+        return True
+
+
+def complete_aggregation(
+    rt: Runtime,
+    round_id: int,
+    *,
+    delta: tuple[str, int],
+    snapshot: tuple[str, int],
+    digest: str,
+    metrics: dict[str, Any],
+) -> bool:
+    """Record the round's result and open the next round (or complete the run).
+
+    Idempotent: only a round still ``aggregating`` is changed, so a second run of the task
+    (redelivered, or re-sent by reconciliation) changes nothing.
+    """
+    with rt.transaction() as tx:
+        s = tx.session
+        locked = lock_run_and_round(s, round_id)
+        if locked is None or locked[1].status != "aggregating":
+            return False
+        run, rnd = locked
+        now = utcnow()
+        participants = uploaded_clients(s, rnd)
+        rnd.status = "closed"
+        rnd.closed_at = now
+        rnd.delta_blob, rnd.delta_size = delta
+        rnd.snapshot_blob, rnd.snapshot_size = snapshot
+        rnd.digest = digest
+        turnaround = None
+        rnd.metrics = {**rnd.metrics, **metrics}
+        client_service.record_rounds_done(s, participants)
+        if run.status == "running":
+            if rnd.number < run.total_rounds:
+                nxt = open_round(tx, rt, run, rnd.number + 1)
+                if rnd.collected_at is not None:
+                    turnaround = (nxt.opened_at - rnd.collected_at).total_seconds()
+            else:
+                run.status = "completed"
+                run.finished_at = now
+                run.version = run.version + 1
+        if turnaround is not None:
+            rnd.metrics = {**rnd.metrics, "turnaround_s": turnaround}
+        run.version = run.version + 1
+        if run.config.get("evaluation"):
+            run_id, number = run.id, rnd.number
+            tx.after_commit(lambda: rt.dispatcher.evaluate(run_id, number))
+        return True
+
+
+def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:
+    """An aggregation that cannot succeed (bad stored state): the run fails, resumable."""
+    with rt.transaction() as tx:
+        locked = lock_run_and_round(tx.session, round_id)
+        if locked is None or locked[1].status != "aggregating":
+            return
+        run, rnd = locked
+        rnd.error = error
+        run.status = "failed"
+        run.status_reason = f"round {rnd.number}: aggregation failed: {error}"
+        run.version = run.version + 1
+
+
+def record_evaluation(rt: Runtime, run_id: int, number: int, metrics: dict[str, Any]) -> None:
+    with rt.transaction() as tx:
+        s = tx.session
+        rnd = s.scalar(
+            select(Round).where(Round.run_id == run_id, Round.number == number).with_for_update()
+        )
+        if rnd is None:
+            return
+        rnd.metrics = {**rnd.metrics, "eval": metrics}
+
+
+def sweep(rt: Runtime) -> int:
+    """Apply the closing rule to every open round (deadlines, gone clients); returns how
+    many rounds changed state. Safe to run from several API processes at once."""
+    with rt.sessions() as s:
+        open_ids = list(
+            s.scalars(
+                select(Round.id)
+                .join(Run, Run.id == Round.run_id)
+                .where(Round.status == "open", Run.status == "running")
+            )
+        )
+    changed = 0
+    for rid in open_ids:
+        with rt.transaction() as tx:
+            locked = lock_run_and_round(tx.session, rid)
+            if locked is None or locked[1].status != "open":
+                continue
+            run, rnd = locked
+            before = (rnd.status, rnd.deadline_at, run.status)
+            maybe_close(tx, rt, run, rnd)
+            if (rnd.status, rnd.deadline_at, run.status) != before:
+                changed += 1
+    return changed
+
+
+def add_expected(s: Session, run: Run, client_id: int) -> None:
+    rnd = current_round(s, run)
+    if rnd is not None and rnd.status == "open" and client_id not in rnd.expected:
+        rnd.expected = [*rnd.expected, client_id]  # a new list: JSON columns track assignment
+        run.version = run.version + 1

@@ -1,0 +1,89 @@
+"""One settings object for the control plane and the workers (environment: ``FEDSRD_*``).
+
+The embedded default needs no external server: SQLite and a local blob directory under
+``data_dir``, and a broker-less Celery transport (the filesystem transport, one directory
+under ``data_dir``) that the worker process started by ``fedsrd up`` consumes. Production
+points ``database_url`` at PostgreSQL and ``broker_url`` at Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PLACEHOLDERS = {"", "changeme", "change-me", "admin", "secret", "password"}
+
+
+class Settings(BaseSettings):
+    """Control-plane configuration; every field can be set as ``FEDSRD_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDSRD_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("var")
+    #: SQLAlchemy URL; empty means SQLite at ``data_dir/fedsrd.db``.
+    database_url: str = ""
+    #: Blob store URL (``file:///path`` or a path); empty means ``data_dir/blobs``.
+    blob_url: str = ""
+    #: Celery broker: ``redis://...`` in production; ``filesystem://`` (the default) keeps the
+    #: queue in ``data_dir/queue`` so the embedded mode needs no broker server.
+    broker_url: str = "filesystem://"
+    #: ``celery``: tasks go to the broker; ``inline``: run in the API process after commit
+    #: (single-process debugging and the API unit tests; no worker needed).
+    task_mode: Literal["celery", "inline"] = "celery"
+    admin_token: str = ""
+    #: Where the project's tiny model is built and cached (``model: "tiny"`` in a run).
+    model_cache: Path = Path("var/models")
+    #: Longest a poll may be held open waiting for work (seconds).
+    poll_max_wait: float = Field(default=30.0, ge=0.0, le=300.0)
+    #: How often the API sweeps round deadlines and client liveness (seconds).
+    sweep_interval: float = Field(default=1.0, gt=0.0)
+    #: Redis visibility timeout: longer than the longest task (aggregation of a 70B layout,
+    #: a slow local round), or Redis redelivers a task that is still running.
+    task_visibility_timeout: int = Field(default=6 * 3600, ge=60)
+
+    @model_validator(mode="after")
+    def _secrets_outside_development(self) -> Settings:
+        if self.environment == "production":
+            if self.admin_token.lower() in _PLACEHOLDERS or len(self.admin_token) < 16:
+                raise ValueError(
+                    "FEDSRD_ADMIN_TOKEN must be set to a real secret (16+ characters) in production"
+                )
+            if self.task_mode != "celery":
+                raise ValueError("FEDSRD_TASK_MODE must be 'celery' in production")
+        return self
+
+    @cached_property
+    def resolved_admin_token(self) -> str:
+        """The admin token; in development, a random one is made and kept in ``data_dir``."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.data_dir / "admin_token"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(24)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(token + "\n")
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        return path.read_text().strip()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fedsrd.db').resolve()}"
+
+    @property
+    def resolved_blob_url(self) -> str:
+        return self.blob_url or str((self.data_dir / "blobs").resolve())
+
+    @property
+    def queue_dir(self) -> Path:
+        return (self.data_dir / "queue").resolve()

@@ -1,0 +1,69 @@
+"""Snapshots: the whole global state as one wire-format blob (dense float32 factors).
+
+A client that is far behind (or new) loads a snapshot instead of replaying every global
+delta; the server keeps one per round and aggregates from the previous round's. Values are
+float32, so a decoded snapshot is bit-identical to the state it was made from and has the
+same :func:`fedsrd_core.state.state_digest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedsrd_core.codec import WireFormatError, decode, encode
+from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, LoraFactors
+
+
+def snapshot_shapes(layout: Mapping[str, tuple[int, int]], rank: int) -> dict[str, tuple[int, int]]:
+    """Wire name -> shape of every factor for ``layout`` (module -> ``(d_out, d_in)``)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name in sorted(layout):
+        d_out, d_in = layout[name]
+        shapes[name + A_SUFFIX] = (rank, d_in)
+        shapes[name + B_SUFFIX] = (d_out, rank)
+    return shapes
+
+
+def encode_snapshot(state: GlobalState) -> bytes:
+    """The state as a blob of dense float32 tensors ``<module>.lora_A`` (r x d_in) and
+    ``<module>.lora_B`` (d_out x r), in sorted module order."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(state):
+        f = state[name]
+        tensors[name + A_SUFFIX] = f.A.detach().to("cpu", torch.float32)
+        tensors[name + B_SUFFIX] = f.B.detach().to("cpu", torch.float32)
+    return encode(tensors, value_dtype="fp32")
+
+
+def decode_snapshot(
+    data: bytes | bytearray | memoryview, layout: Mapping[str, tuple[int, int]], rank: int
+) -> GlobalState:
+    """Parse a snapshot of the given layout and rank back into a :class:`GlobalState`.
+
+    Raises:
+        WireFormatError: malformed blob, or names/shapes other than the layout's, or a
+            sparse entry (snapshots are dense).
+    """
+    tensors = decode(data, expected_shapes=snapshot_shapes(layout, rank))
+    modules: dict[str, LoraFactors] = {}
+    for name in sorted(layout):
+        A, B = tensors[name + A_SUFFIX], tensors[name + B_SUFFIX]
+        if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+            raise WireFormatError(f"snapshot entry of {name!r} is sparse; snapshots are dense")
+        modules[name] = LoraFactors(A, B)
+    return GlobalState(modules)
+
+
+def shape_state(layout: Mapping[str, tuple[int, int]], rank: int) -> GlobalState:
+    """A state of ``meta`` tensors with the layout's shapes: answers shape questions
+    (``Strategy.upload_shapes``) for a layout without allocating its factors."""
+    return GlobalState(
+        {
+            name: LoraFactors(
+                torch.empty(rank, d_in, device="meta"), torch.empty(d_out, rank, device="meta")
+            )
+            for name, (d_out, d_in) in sorted(layout.items())
+        }
+    )

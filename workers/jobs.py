@@ -1,0 +1,233 @@
+"""The work a worker does, independent of Celery (the inline dispatcher calls it directly).
+
+Each job takes IDs, re-reads the state it needs, and is idempotent: a second run finds the
+work done (the round closed, the update stored) and stops, or redoes it with the identical
+result (aggregation is deterministic; blobs are content-addressed; commits are conditional).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from functools import lru_cache
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from api.errors import ApiError
+from api.models import Client, Round, Run, Update
+from api.runtime import Runtime
+from api.services import rounds as round_service
+from api.services import updates as update_service
+from api.services.runs import resolve_model
+from api.services.states import (
+    layout_of,
+    load_state,
+    rank_of,
+    strategy_of,
+    upload_shapes,
+    value_dtype_of,
+)
+from fedsrd_core.codec import WireFormatError, decode, encode
+from fedsrd_core.data import Example, generate, partition_dirichlet, partition_iid
+from fedsrd_core.snapshot import encode_snapshot, snapshot_shapes
+from fedsrd_core.state import state_digest
+from fedsrd_core.strategies import RoundContext, Upload
+from fedsrd_core.training import TrainConfig, evaluate_loss, local_round
+
+log = logging.getLogger(__name__)
+_model_lock = threading.Lock()
+
+
+# -- aggregation -----------------------------------------------------------------------------
+def aggregate_round(rt: Runtime, round_id: int) -> None:
+    """Aggregate a round's updates into its global delta, the next snapshot and digest."""
+    if not round_service.start_aggregation(rt, round_id):
+        return
+    t0 = time.perf_counter()
+    with rt.sessions() as s:
+        rnd = s.get(Round, round_id)
+        assert rnd is not None
+        run = s.get(Run, rnd.run_id)
+        assert run is not None
+        updates = list(
+            s.scalars(select(Update).where(Update.round_id == rnd.id).order_by(Update.client_id))
+        )
+        number = rnd.number
+        try:
+            state = load_state(rt, run, number - 1)
+        except (LookupError, WireFormatError) as e:
+            round_service.fail_aggregation(rt, round_id, f"cannot load the global state: {e}")
+            return
+        strategy = strategy_of(run)
+        shapes = upload_shapes(run)
+        vd = value_dtype_of(run)
+        seed = int(run.config["seed"])
+        layout, rank = layout_of(run), rank_of(run)
+    t_decode = time.perf_counter()
+    uploads = [
+        Upload(decode(rt.blobs.read_bytes(u.blob), expected_shapes=shapes), u.num_samples)
+        for u in updates
+    ]
+    t_server = time.perf_counter()
+    ctx = RoundContext(round=number, seed=seed, value_dtype=vd)
+    delta = strategy.server_round(state, uploads, ctx)
+    down = encode(delta, value_dtype=vd)
+    # Apply what clients apply: the decoded blob, so server and clients stay bit-identical.
+    full = snapshot_shapes(layout, rank)
+    strategy.apply_global(state, decode(down, expected_shapes={k: full[k] for k in delta}))
+    digest = state_digest(state)
+    t_store = time.perf_counter()
+    delta_ref = rt.blobs.put_bytes(down)
+    snap_ref = rt.blobs.put_bytes(encode_snapshot(state))
+    t_end = time.perf_counter()
+    losses = [u.train_loss for u in updates if u.train_loss is not None]
+    metrics: dict[str, Any] = {
+        "participants": [u.client_id for u in updates],
+        "bytes_up": sum(u.size for u in updates),
+        "bytes_up_mean": sum(u.size for u in updates) / max(len(updates), 1),
+        "bytes_down": delta_ref.size,
+        "num_samples": sum(u.num_samples for u in updates),
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "durations": {
+            "load_state_s": t_decode - t0,
+            "decode_s": t_server - t_decode,
+            "server_step_s": t_store - t_server,
+            "store_s": t_end - t_store,
+            "aggregate_s": t_end - t0,
+        },
+    }
+    round_service.complete_aggregation(
+        rt,
+        round_id,
+        delta=(delta_ref.sha256, delta_ref.size),
+        snapshot=(snap_ref.sha256, snap_ref.size),
+        digest=digest,
+        metrics=metrics,
+    )
+
+
+# -- models and data of simulated runs -------------------------------------------------------
+@lru_cache(maxsize=2)
+def _peft_model(path: str, rank: int, alpha: int | None, dropout: float, targets: str) -> Any:
+    # CUDA is first touched here, inside the task process, never in a parent that forks.
+    from fedsrd_core.modeling import load_causal_lm
+    from fedsrd_core.peft_lora import attach_lora, lora_config
+
+    model, tokenizer = load_causal_lm(path)
+    target: str | list[str] = targets if targets == "all-linear" else targets.split(",")
+    peft = attach_lora(
+        model, lora_config(rank=rank, alpha=alpha, dropout=dropout, target_modules=target)
+    )
+    return peft, tokenizer
+
+
+def run_model(rt: Runtime, run: Run) -> tuple[Any, Any]:
+    lora = run.config["lora"]
+    targets = lora["target_modules"]
+    key = targets if isinstance(targets, str) else ",".join(targets)
+    loaded: tuple[Any, Any] = _peft_model(
+        resolve_model(rt, run.base_model), lora["rank"], lora["alpha"], lora["dropout"], key
+    )
+    return loaded
+
+
+def simulated_data(run: Run, index: int) -> list[Example]:
+    """Client ``index``'s local data in a simulated run, generated from the run's seed."""
+    sim = run.config["simulation"]
+    seed = int(run.config["seed"])
+    n, per = int(sim["clients"]), int(sim["examples_per_client"])
+    domains = list(sim["domains"])
+    if sim["partition"] == "domain":
+        return generate(domains[index], per, seed=seed, split="train")
+    pool: list[Example] = []
+    each = -(-n * per // len(domains))
+    for d in domains:
+        pool.extend(generate(d, each, seed=seed, split="train"))
+    if sim["partition"] == "iid":
+        return partition_iid(pool, n, seed=seed)[index]
+    return partition_dirichlet(pool, n, float(sim["dirichlet_alpha"]), seed=seed)[index]
+
+
+def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
+    """Play simulated client ``client_id`` in round ``number``: the same local round and the
+    same upload path as a real agent."""
+    with rt.sessions() as s:
+        run = s.get(Run, run_id)
+        client = s.get(Client, client_id)
+        rnd = s.scalar(select(Round).where(Round.run_id == run_id, Round.number == number))
+        if run is None or client is None or rnd is None or not client.simulated:
+            return
+        if run.status != "running" or rnd.status != "open" or client_id not in rnd.expected:
+            return
+        if s.scalar(
+            select(Update.id).where(Update.round_id == rnd.id, Update.client_id == client_id)
+        ):
+            return
+        sims = list(
+            s.scalars(
+                select(Client.id)
+                .where(Client.run_id == run_id, Client.simulated.is_(True))
+                .order_by(Client.id)
+            )
+        )
+        index = sims.index(client_id)
+        start = load_state(rt, run, number - 1)
+        strategy = strategy_of(run)
+        train = TrainConfig(**run.config["train"])
+        seed = int(run.config["seed"])
+        vd = value_dtype_of(run)
+        data = simulated_data(run, index)
+    # Train with no database session open: a local round can take minutes.
+    with _model_lock:
+        model, tokenizer = run_model(rt, run)
+        trained, stats = local_round(
+            model,
+            tokenizer,
+            data,
+            start,
+            train,
+            trainable=strategy.trainable_factors(),
+            proximal_mu=strategy.proximal_mu(),
+            seed=seed * 1_000_003 + number * 1009 + index,
+        )
+    ctx = RoundContext(round=number, seed=seed, value_dtype=vd)
+    blob = encode(
+        strategy.client_upload(start, trained, ctx, client_seed=number * 1009 + index),
+        value_dtype=vd,
+    )
+    try:
+        update_service.submit_bytes(
+            rt, client_id, number, number - 1, len(data), blob, train_loss=stats.mean_loss
+        )
+    except ApiError as e:
+        # The round moved on while we trained (closed at its deadline, run cancelled).
+        log.info("simulated client %d, round %d: update not taken: %s", client_id, number, e)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+def evaluate_round(rt: Runtime, run_id: int, number: int) -> None:
+    """Evaluate the global adapter after round ``number`` on the run's held-out sets."""
+    from fedsrd_core.peft_lora import state_to_peft
+
+    with rt.sessions() as s:
+        run = s.get(Run, run_id)
+        if run is None or not run.config.get("evaluation"):
+            return
+        rnd = s.scalar(select(Round).where(Round.run_id == run_id, Round.number == number))
+        if rnd is None or rnd.status != "closed" or "eval" in rnd.metrics:
+            return
+        state = load_state(rt, run, number)
+        ev = run.config["evaluation"]
+        seq_len = int(run.config["train"]["seq_len"])
+        seed = int(run.config["seed"])
+        out: dict[str, dict[str, float]] = {}
+        with _model_lock, torch.no_grad():
+            model, tokenizer = run_model(rt, run)
+            state_to_peft(state, model)
+            for domain in ev["domains"]:
+                examples = generate(domain, int(ev["examples"]), seed=seed, split="eval")
+                out[domain] = evaluate_loss(model, tokenizer, examples, seq_len=seq_len)
+    round_service.record_evaluation(rt, run_id, number, out)
