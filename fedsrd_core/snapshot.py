@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsrd_core.codec import WireFormatError, decode, encode
+from fedsrd_core.codec import WireFormatError, decode, encode, inspect
+from fedsrd_core.sparse import SparseTensor
 from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, LoraFactors
 
 
@@ -67,3 +68,24 @@ def shape_state(layout: Mapping[str, tuple[int, int]], rank: int) -> GlobalState
             for name, (d_out, d_in) in sorted(layout.items())
         }
     )
+
+
+def decode_global_delta(
+    data: bytes | bytearray | memoryview, layout: Mapping[str, tuple[int, int]], rank: int
+) -> dict[str, torch.Tensor | SparseTensor]:
+    """Decode a global delta: any subset of the layout's factors (FedSRD's alternating step
+    sends only ``A`` or only ``B`` updates), each with its factor's exact shape.
+
+    Raises:
+        WireFormatError: malformed blob, or a name outside the layout, or a wrong shape.
+    """
+    full = snapshot_shapes(layout, rank)
+    names = [info.name for info in inspect(data, max_numel=_max_numel(full))]
+    unknown = [n for n in names if n not in full]
+    if unknown:
+        raise WireFormatError(f"tensor {unknown[0]!r}: not a factor of this adapter")
+    return decode(data, expected_shapes={n: full[n] for n in names})
+
+
+def _max_numel(shapes: Mapping[str, tuple[int, int]]) -> int:
+    return max((a * b for a, b in shapes.values()), default=1)

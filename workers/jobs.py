@@ -32,7 +32,7 @@ from api.services.states import (
 )
 from fedsrd_core.codec import WireFormatError, decode, encode
 from fedsrd_core.data import Example, generate, partition_dirichlet, partition_iid
-from fedsrd_core.snapshot import encode_snapshot, snapshot_shapes
+from fedsrd_core.snapshot import decode_global_delta, encode_snapshot
 from fedsrd_core.state import state_digest
 from fedsrd_core.strategies import RoundContext, Upload
 from fedsrd_core.training import TrainConfig, evaluate_loss, local_round
@@ -76,8 +76,7 @@ def aggregate_round(rt: Runtime, round_id: int) -> None:
     delta = strategy.server_round(state, uploads, ctx)
     down = encode(delta, value_dtype=vd)
     # Apply what clients apply: the decoded blob, so server and clients stay bit-identical.
-    full = snapshot_shapes(layout, rank)
-    strategy.apply_global(state, decode(down, expected_shapes={k: full[k] for k in delta}))
+    strategy.apply_global(state, decode_global_delta(down, layout, rank))
     digest = state_digest(state)
     t_store = time.perf_counter()
     delta_ref = rt.blobs.put_bytes(down)

@@ -12,7 +12,14 @@ from starlette.concurrency import run_in_threadpool
 from api.blobstore import BlobTooLarge
 from api.deps import AgentDep, RuntimeDep
 from api.errors import InvalidInput, TooLarge
-from api.schemas import AgentRunInfo, HeartbeatIn, LoraSettings, PollResponse, TrainSettings
+from api.schemas import (
+    AgentRunInfo,
+    HeartbeatIn,
+    LoraSettings,
+    PollResponse,
+    SyncPlan,
+    TrainSettings,
+)
 from api.schemas import UpdateAccepted as UpdateAcceptedOut
 from api.services import agent as agent_service
 from api.services import clients as client_service
@@ -70,6 +77,14 @@ async def poll(
     if answer.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(answer.retry_after)))
     return answer
+
+
+@router.get("/sync")
+def sync(
+    ident: AgentDep, rt: RuntimeDep, have_round: Annotated[int | None, Query(ge=-1)] = None
+) -> SyncPlan:
+    """How to reach the newest global state from ``have_round`` (snapshot or deltas)."""
+    return agent_service.sync_latest(rt, ident, have_round)
 
 
 @router.get(

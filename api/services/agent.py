@@ -148,6 +148,17 @@ def poll_once(
         )
 
 
+def sync_latest(rt: Runtime, ident: AgentIdentity, have_round: int | None) -> SyncPlan:
+    """How to reach the newest global state (e.g. the final one, once the run completed)."""
+    with rt.sessions() as s:
+        run = s.get(Run, ident.run_id)
+        assert run is not None
+        if run.initial_blob is None:
+            raise Conflict(f"run {run.id} has not been launched; there is no global state yet")
+        newest = last_closed(run, round_service.current_round(s, run))
+        return sync_plan(s, run, have_round, newest)
+
+
 def check_download(rt: Runtime, ident: AgentIdentity, sha256: str) -> int:
     """Authorise a download: only the run's global blobs (initial state, global deltas,
     snapshots), never any client's update. Returns the blob's size."""

@@ -1,0 +1,146 @@
+"""The agent's HTTP client: one method per agent endpoint, retries for transient failures.
+
+Network errors, timeouts and 5xx answers are retried with jittered exponential backoff
+(a restarting server is waited for); 4xx answers raise :class:`ServerError` at once with the
+server's message, because repeating a refused request cannot succeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+
+class ServerError(Exception):
+    """The server refused a request (4xx): ``status``, ``code`` and its ``detail``."""
+
+    def __init__(self, status: int, code: str, detail: Any) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class RetryBudgetExceededError(Exception):
+    """Transient failures lasted longer than the client's ``retry_for`` seconds."""
+
+
+class AgentClient:
+    """Authenticated calls of one client of one run.
+
+    Args:
+        http: an ``httpx.Client`` whose ``base_url`` is the server (tests pass FastAPI's
+            TestClient, which is one).
+        token: the client token; run_id: its run.
+        retry_for: give up on transient failures after this many seconds (None: never).
+        sleep: injectable for tests.
+    """
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        token: str,
+        run_id: int,
+        *,
+        retry_for: float | None = None,
+        base_delay: float = 0.5,
+        max_delay: float = 15.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.http = http
+        self.run_id = run_id
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.retry_for = retry_for
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._sleep = sleep
+        self._rng = random.Random()
+
+    @property
+    def prefix(self) -> str:
+        return f"/api/v1/agent/runs/{self.run_id}"
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                r = self.http.request(method, self.prefix + path, headers=headers, **kwargs)
+            except httpx.TransportError as e:
+                failure: str = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code < 400:
+                    return r
+                if r.status_code < 500:
+                    try:
+                        body = r.json()
+                        raise ServerError(r.status_code, body.get("error", ""), body.get("detail"))
+                    except ValueError:
+                        raise ServerError(r.status_code, "http_error", r.text[:500]) from None
+                failure = f"HTTP {r.status_code}"
+            elapsed = time.monotonic() - start
+            if self.retry_for is not None and elapsed >= self.retry_for:
+                raise RetryBudgetExceededError(f"{method} {path}: still failing ({failure})")
+            # Full jitter: agents that lost the server together do not return together.
+            cap = min(self.max_delay, self.base_delay * 2**attempt)
+            self._sleep(self._rng.uniform(cap / 2, cap))
+            attempt += 1
+
+    def run_info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", "").json()
+        return result
+
+    def poll(self, have_round: int | None, wait: float = 0.0) -> dict[str, Any]:
+        params: dict[str, Any] = {"wait": wait}
+        if have_round is not None:
+            params["have_round"] = have_round
+        timeout = httpx.Timeout(30.0 + wait)
+        result: dict[str, Any] = self._request(
+            "GET", "/poll", params=params, timeout=timeout
+        ).json()
+        return result
+
+    def sync(self, have_round: int | None) -> dict[str, Any]:
+        params = {} if have_round is None else {"have_round": have_round}
+        result: dict[str, Any] = self._request("GET", "/sync", params=params).json()
+        return result
+
+    def download(self, sha256: str) -> bytes:
+        data = self._request("GET", f"/blobs/{sha256}").content
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise ServerError(0, "corrupt_download", f"blob {sha256} arrived as {got}")
+        return data
+
+    def upload(
+        self,
+        round_number: int,
+        base_round: int,
+        blob: bytes,
+        *,
+        num_samples: int,
+        train_loss: float | None = None,
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"base_round": base_round, "num_samples": num_samples}
+        if train_loss is not None:
+            params["train_loss"] = train_loss
+        result: dict[str, Any] = self._request(
+            "PUT",
+            f"/rounds/{round_number}/update",
+            params=params,
+            content=blob,
+            headers={
+                "X-Content-SHA256": hashlib.sha256(blob).hexdigest(),
+                "Content-Type": "application/octet-stream",
+            },
+        ).json()
+        return result
+
+    def heartbeat(self, round_number: int, step: int, **extra: Any) -> None:
+        self._request("POST", "/heartbeat", json={"round": round_number, "step": step, **extra})

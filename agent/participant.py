@@ -1,0 +1,143 @@
+"""One client's part in a run: keep the global state in sync, train, upload.
+
+The same local round as simulated clients (fedsrd_core.training.local_round) and the same
+strategy code; the state is reached by applying the server's blobs exactly as the server
+did, and every step is checked against the digest the server published.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from agent.client import AgentClient
+from fedsrd_core.codec import encode
+from fedsrd_core.data import Example
+from fedsrd_core.peft_lora import attach_lora, lora_config
+from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
+from fedsrd_core.state import GlobalState, state_digest
+from fedsrd_core.strategies import RoundContext, Strategy, get_strategy
+from fedsrd_core.training import TrainConfig, local_round
+
+log = logging.getLogger(__name__)
+
+
+class DigestMismatchError(Exception):
+    pass
+
+
+@dataclass
+class Participant:
+    client: AgentClient
+    model: Any  # a transformers causal LM (LoRA is attached here)
+    tokenizer: Any
+    data: Sequence[Example]
+    info: dict[str, Any] = field(default_factory=dict)
+    state: GlobalState | None = None
+    have_round: int = -1
+    digests: dict[int, str] = field(default_factory=dict)
+    rounds_trained: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.info = self.info or self.client.run_info()
+        lora = self.info["lora"]
+        self.layout = {k: (int(v[0]), int(v[1])) for k, v in self.info["layout"].items()}
+        self.rank = int(lora["rank"])
+        self.strategy: Strategy = get_strategy(
+            self.info["strategy"], dict(self.info["strategy_config"])
+        )
+        self.train = TrainConfig(**self.info["train"])
+        self.peft = attach_lora(
+            self.model,
+            lora_config(
+                rank=self.rank,
+                alpha=lora["alpha"],
+                dropout=lora["dropout"],
+                target_modules=lora["target_modules"],
+            ),
+        )
+
+    def sync(self, plan: dict[str, Any]) -> None:
+        """Apply a sync plan: snapshot, then deltas, each checked against its digest."""
+        snap = plan.get("snapshot")
+        if snap is not None:
+            state = decode_snapshot(self.client.download(snap["sha256"]), self.layout, self.rank)
+            if state_digest(state) != snap["digest"]:
+                raise DigestMismatchError(f"snapshot of round {snap['round']}")
+            self.state, self.have_round = state, int(snap["round"])
+            self.digests[self.have_round] = snap["digest"]
+        for d in plan.get("deltas", []):
+            if self.state is None or int(d["round"]) != self.have_round + 1:
+                raise DigestMismatchError(f"delta of round {d['round']} does not follow our state")
+            delta = decode_global_delta(self.client.download(d["sha256"]), self.layout, self.rank)
+            self.strategy.apply_global(self.state, delta)
+            self.have_round = int(d["round"])
+            if state_digest(self.state) != d["digest"]:
+                # Our copy is wrong: drop it; the next poll brings a snapshot.
+                self.state, self.have_round = None, -1
+                raise DigestMismatchError(f"state after round {d['round']}")
+            self.digests[self.have_round] = d["digest"]
+
+    def step(self, wait: float = 5.0) -> str:
+        """Poll once and act on the answer; returns the action."""
+        answer = self.client.poll(self.have_round if self.state is not None else None, wait)
+        action = str(answer["action"])
+        if action != "train":
+            return action
+        if answer.get("sync"):
+            try:
+                self.sync(answer["sync"])
+            except DigestMismatchError as e:
+                log.warning("state mismatch (%s); reloading a snapshot", e)
+                self.state, self.have_round = None, -1
+                return "resync"
+        number, base = int(answer["round"]), int(answer["base_round"])
+        assert self.state is not None
+        assert self.have_round == base
+        ctx = RoundContext(
+            round=number, seed=int(self.info["seed"]), value_dtype=self.info["value_dtype"]
+        )
+        client_id = int(self.info["client_id"])
+
+        def progress(step: int, loss: float) -> None:
+            self.client.heartbeat(number, step, steps=self.train.steps, loss=loss)
+
+        trained, stats = local_round(
+            self.peft,
+            self.tokenizer,
+            self.data,
+            self.state,
+            self.train,
+            trainable=self.strategy.trainable_factors(),
+            proximal_mu=self.strategy.proximal_mu(),
+            seed=int(self.info["seed"]) * 1_000_003 + number * 1009 + client_id,
+        )
+        progress(self.train.steps, stats.mean_loss)
+        with torch.no_grad():
+            upload = self.strategy.client_upload(
+                self.state, trained, ctx, client_seed=number * 1009 + client_id
+            )
+        blob = encode(upload, value_dtype=self.info["value_dtype"])
+        self.client.upload(
+            number, base, blob, num_samples=len(self.data), train_loss=stats.mean_loss
+        )
+        self.rounds_trained.append(number)
+        return "trained"
+
+    def run(self, wait: float = 5.0, max_steps: int = 10_000) -> str:
+        """Take part until the run is done or stopped; returns the final action."""
+        for _ in range(max_steps):
+            action = self.step(wait)
+            if action in ("done", "stop"):
+                return action
+        raise RuntimeError("participant did not finish")
+
+    def catch_up(self) -> None:
+        """Bring the local state to the run's newest global state (after it completed)."""
+        plan = self.client.sync(self.have_round if self.state is not None else None)
+        if plan["snapshot"] is not None or plan["deltas"]:
+            self.sync(plan)
