@@ -1,0 +1,362 @@
+"""The REST API end to end in one process (inline tasks), on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from api.services import rounds as round_service
+from fedsrd_core.modeling import load_causal_lm
+from fedsrd_core.peft_lora import attach_lora, lora_config, state_to_peft
+from fedsrd_core.snapshot import decode_snapshot
+from tests.api_support import ADMIN_H, Api, FakeAgent, make_api
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def api(request, tmp_path, model_cache):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'api.db'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+    with make_api(tmp_path / "data", url, model_cache) as a:
+        yield a
+
+
+def _three_clients(api: Api, **run) -> tuple[dict, list[FakeAgent]]:
+    created = api.create_run(**run)
+    agents = []
+    for i in range(3):
+        _, token = api.enroll(created["id"], f"site-{i}")
+        agents.append(FakeAgent(api.agent(created["id"], token), seed=i))
+    return created, agents
+
+
+def test_run_lifecycle_digests_and_metrics(api: Api):
+    created, agents = _three_clients(api, rounds=3)
+    assert created["status"] == "created"
+    assert created["lora_parameters"] > 0
+    assert api.admin("POST", f"/api/v1/runs/{created['id']}/launch").status_code == 200
+    for number in (1, 2, 3):
+        answers = [a.play_round() for a in agents]
+        assert all(x is not None and x["round"] == number for x in answers)
+        assert [x["round_complete"] for x in answers] == [False, False, True]
+        server = api.rounds(created["id"])[number - 1]
+        assert server["status"] == "closed"
+        for a in agents:
+            a.catch_up()
+            assert a.have_round == number
+        assert server["digest"] is not None
+    run = api.run(created["id"])
+    assert run["status"] == "completed"
+    assert run["current_round"] == 3
+    rounds = api.rounds(created["id"])
+    for r in rounds:
+        m = r["metrics"]
+        assert sorted(m["participants"]) == sorted(r["expected"])
+        assert m["bytes_up"] > 0
+        assert m["bytes_down"] == r["delta_size"]
+        assert m["durations"]["aggregate_s"] > 0
+    clients = api.admin("GET", f"/api/v1/runs/{created['id']}/clients").json()
+    assert clients["count"] == 3
+    for c in clients["data"]:
+        assert c["rounds_done"] == 3
+        assert c["bytes_up"] > 0
+        assert c["bytes_down"] > 0
+        assert "token" not in c
+
+
+def test_exported_adapter_matches_server_state(api: Api, tiny_model: Path, tmp_path: Path):
+    created, agents = _three_clients(api, rounds=2, lora={"rank": 4, "alpha": 16})
+    api.admin("POST", f"/api/v1/runs/{created['id']}/launch")
+    for _ in range(2):
+        for a in agents:
+            a.play_round()
+    r = api.admin("GET", f"/api/v1/runs/{created['id']}/adapter")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/zip"
+    out = tmp_path / "adapter"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(out)
+    base, _ = load_causal_lm(str(tiny_model))
+    loaded = PeftModel.from_pretrained(base, out)
+    # The server's state after the last round, from its snapshot blob.
+    last = api.rounds(created["id"])[-1]
+    layout = {k: tuple(v) for k, v in agents[0].info["layout"].items()}
+    state = decode_snapshot(agents[0].agent.download(last_snapshot(api, created["id"])), layout, 4)
+    assert last["digest"] is not None
+    ref_base, _ = load_causal_lm(str(tiny_model))
+    ref = attach_lora(ref_base, lora_config(rank=4, alpha=16))
+    state_to_peft(state, ref)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+        want = ref(input_ids=ids).logits
+        plain = load_causal_lm(str(tiny_model))[0](input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert (got - plain).abs().max() > 1e-6  # the adapter changes the model
+
+
+def last_snapshot(api: Api, run_id: int) -> str:
+    # An agent that holds nothing is sent the newest snapshot.
+    from api.services.agent import AgentIdentity, sync_latest
+
+    plan = sync_latest(api.rt, AgentIdentity(0, run_id, ""), None)
+    assert plan.snapshot is not None
+    return plan.snapshot.sha256
+
+
+def test_sync_plan_prefers_deltas_then_snapshot(api: Api):
+    created, agents = _three_clients(api, rounds=3)
+    api.admin("POST", f"/api/v1/runs/{created['id']}/launch")
+    for _ in range(2):
+        for a in agents:
+            a.play_round()
+    fresh = agents[0].agent
+    plan_new = fresh.sync(None)
+    assert plan_new["snapshot"]["round"] == 2
+    assert plan_new["deltas"] == []
+    plan_behind = fresh.sync(0)
+    assert plan_behind["snapshot"] is None
+    assert [d["round"] for d in plan_behind["deltas"]] == [1, 2]
+    assert plan_behind["bytes"] == sum(d["size"] for d in plan_behind["deltas"])
+    assert fresh.sync(2)["deltas"] == []
+
+
+def test_identical_retry_is_idempotent_and_conflicts_are_409(api: Api):
+    created, agents = _three_clients(api, rounds=2)
+    api.admin("POST", f"/api/v1/runs/{created['id']}/launch")
+    a = agents[0]
+    answer = a.poll()
+    a.apply(answer["sync"])
+    blob = a.make_update(1)
+    first = a.agent.upload(1, 0, blob, num_samples=4)
+    again = a.agent.upload(1, 0, blob, num_samples=4)
+    assert again == first
+    other = a.make_update(1)
+    with pytest.raises(Exception) as e:
+        a.agent.upload(1, 0, other, num_samples=4)
+    assert e.value.status == 409 and "already uploaded" in str(e.value.detail)
+    b = agents[1]
+    b.apply(b.poll()["sync"])
+    with pytest.raises(Exception) as e:
+        b.agent.upload(2, 1, b.make_update(2), num_samples=4)
+    assert e.value.status == 409 and "not the open round" in str(e.value.detail)
+    with pytest.raises(Exception) as e:
+        b.agent.upload(1, 3, b.make_update(1), num_samples=4)
+    assert e.value.status == 409 and "stale" in str(e.value.detail)
+    # Nothing of the refused uploads was stored.
+    assert api.rounds(created["id"])[0]["uploaded"] == [first["client_id"]]
+
+
+def test_late_joiner_catches_up_and_takes_part(api: Api):
+    created, agents = _three_clients(api, rounds=3)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    for a in agents:
+        a.play_round()
+    _, token = api.enroll(run_id, "late")
+    late = FakeAgent(api.agent(run_id, token), seed=9)
+    assert late.play_round() is not None  # synced round 1's state, then trained round 2
+    assert late.have_round == 1
+    assert api.rounds(run_id)[1]["expected"][-1] == late.info["client_id"]
+    for a in agents:
+        a.play_round()
+    assert api.rounds(run_id)[1]["status"] == "closed"
+
+
+def test_missed_round_then_rejoin(api: Api):
+    created, agents = _three_clients(api, rounds=3, quorum=2, client_timeout_s=0.5)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    for a in agents:
+        a.play_round()
+    # Round 2: the third site is silent; once it counts as gone the round closes on quorum.
+    agents[0].play_round()
+    agents[1].play_round()
+    assert api.rounds(run_id)[1]["status"] == "open"
+    _age_last_seen(api, agents[2].info["client_id"], seconds=5)
+    round_service.sweep(api.rt)
+    r2 = api.rounds(run_id)[1]
+    assert r2["status"] == "closed"
+    assert "gone" in r2["metrics"]["close_reason"]
+    assert len(r2["metrics"]["participants"]) == 2
+    # It comes back: it catches up on round 2's delta and trains round 3.
+    answer = agents[2].play_round()
+    assert answer is not None and answer["round"] == 3
+    assert agents[2].have_round == 2
+    agents[0].play_round()
+    agents[1].play_round()
+    assert api.run(run_id)["status"] == "completed"
+
+
+def _age_last_seen(api: Api, client_id: int, seconds: float) -> None:
+    from api.models import Client
+
+    with api.rt.transaction() as tx:
+        c = tx.session.get(Client, client_id)
+        c.last_seen_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+
+
+def _expire(api: Api, run_id: int) -> None:
+    from sqlalchemy import update
+
+    from api.models import Round
+
+    with api.rt.transaction() as tx:
+        tx.session.execute(
+            update(Round)
+            .where(Round.run_id == run_id, Round.status == "open")
+            .values(deadline_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
+
+
+def test_deadline_below_quorum_fails_then_resume(api: Api):
+    created, agents = _three_clients(api, rounds=1, quorum=2, below_quorum="fail")
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    first = agents[0].play_round()
+    _expire(api, run_id)
+    round_service.sweep(api.rt)
+    run = api.run(run_id)
+    assert run["status"] == "failed"
+    assert "quorum is 2" in run["status_reason"]
+    assert agents[1].poll()["action"] == "wait"
+    r = api.admin("POST", f"/api/v1/runs/{run_id}/resume")
+    assert r.status_code == 200 and r.json()["status"] == "running"
+    rnd = api.rounds(run_id)[0]
+    assert rnd["status"] == "open"
+    assert rnd["uploaded"] == [first["client_id"]]  # no upload lost
+    agents[1].play_round()
+    agents[2].play_round()
+    assert api.run(run_id)["status"] == "completed"
+
+
+def test_deadline_below_quorum_extends(api: Api):
+    created, agents = _three_clients(api, rounds=1, quorum=2, below_quorum="extend")
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    agents[0].play_round()
+    before = api.rounds(run_id)[0]["deadline_at"]
+    _expire(api, run_id)
+    round_service.sweep(api.rt)
+    rnd = api.rounds(run_id)[0]
+    assert rnd["status"] == "open"
+    assert rnd["deadline_at"] > before or rnd["deadline_at"] != before
+    agents[1].play_round()
+    _expire(api, run_id)
+    round_service.sweep(api.rt)  # quorum met at the deadline: closes without the third
+    assert api.rounds(run_id)[0]["status"] == "closed"
+    assert api.run(run_id)["status"] == "completed"
+
+
+def test_cancel_stops_agents(api: Api):
+    created, agents = _three_clients(api, rounds=2)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/cancel").json()["status"] == "cancelled"
+    answer = agents[0].poll()
+    assert answer["action"] == "stop" and answer["run_status"] == "cancelled"
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/cancel").status_code == 409
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/resume").status_code == 409
+
+
+def test_revoked_token_stops_at_once_and_round_stops_waiting(api: Api):
+    created, agents = _three_clients(api, rounds=1)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    agents[0].play_round()
+    agents[1].play_round()
+    cid = agents[2].info["client_id"]
+    r = api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/revoke")
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+    with pytest.raises(Exception) as e:
+        agents[2].poll()
+    assert e.value.status == 410
+    assert api.run(run_id)["status"] == "completed"  # closed without the revoked client
+
+
+def test_heartbeat_marks_training(api: Api):
+    created, agents = _three_clients(api, rounds=1)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    agents[0].agent.heartbeat(1, 3, steps=10, loss=1.5, samples_per_second=12.0)
+    rows = api.admin("GET", f"/api/v1/runs/{run_id}/clients").json()["data"]
+    mine = next(c for c in rows if c["id"] == agents[0].info["client_id"])
+    assert mine["liveness"] == "training"
+    assert mine["progress"]["step"] == 3 and mine["progress"]["loss"] == 1.5
+    other = next(c for c in rows if c["id"] == agents[1].info["client_id"])
+    assert other["liveness"] == "idle"
+
+
+def test_list_runs_paginates(api: Api):
+    ids = [api.create_run(name=f"r{i}")["id"] for i in range(3)]
+    page = api.admin("GET", "/api/v1/runs?offset=0&limit=2").json()
+    assert page["count"] == 3
+    assert [r["id"] for r in page["data"]] == sorted(ids, reverse=True)[:2]
+    rest = api.admin("GET", "/api/v1/runs?offset=2&limit=2").json()
+    assert [r["id"] for r in rest["data"]] == [min(ids)]
+
+
+def test_simulated_run_completes_with_evaluation(api: Api):
+    body = {
+        "rounds": 2,
+        "simulation": {"clients": 2, "domains": ["arithmetic", "code"], "examples_per_client": 8},
+        "evaluation": {"domains": ["arithmetic"], "examples": 4},
+    }
+    created = api.create_run(launch=True, **body)
+    run = api.run(created["id"])
+    assert run["status"] == "completed"
+    rounds = api.rounds(created["id"])
+    assert [r["status"] for r in rounds] == ["closed", "closed"]
+    for r in rounds:
+        assert r["metrics"]["train_loss"] > 0
+        assert r["metrics"]["eval"]["arithmetic"]["loss"] > 0
+    assert rounds[0]["digest"] != rounds[1]["digest"]
+
+
+def test_health_ready_metrics(api: Api):
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    api.create_run()
+    text = api.client.get("/metrics").text
+    assert 'fedsrd_runs{status="created"} 1.0' in text
+    assert "fedsrd_http_request_seconds_bucket" in text
+
+
+def test_readyz_reports_unreachable_broker(tmp_path, model_cache):
+    # A real Celery dispatcher pointed at a port where nothing listens.
+    with make_api(
+        tmp_path / "d",
+        f"sqlite:///{tmp_path / 'x.db'}",
+        model_cache,
+        task_mode="celery",
+        broker_url="redis://127.0.0.1:1/0",
+    ) as a:
+        r = a.client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["checks"]["broker"].startswith("unreachable")
+
+
+def test_openapi_lists_every_endpoint(api: Api):
+    paths = api.client.get("/openapi.json").json()["paths"]
+    for p in (
+        "/api/v1/runs",
+        "/api/v1/runs/{run_id}",
+        "/api/v1/runs/{run_id}/clients",
+        "/api/v1/runs/{run_id}/rounds",
+        "/api/v1/runs/{run_id}/adapter",
+        "/api/v1/agent/runs/{run_id}/poll",
+        "/api/v1/agent/runs/{run_id}/rounds/{number}/update",
+        "/api/v1/agent/runs/{run_id}/blobs/{sha256}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert p in paths, p
+    assert ADMIN_H  # the admin header helper is what the tests use
