@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from agent.client import ServerError
 from api.services import rounds as round_service
 from fedsrd_core.modeling import load_causal_lm
 from fedsrd_core.peft_lora import attach_lora, lora_config, state_to_peft
@@ -138,15 +139,15 @@ def test_identical_retry_is_idempotent_and_conflicts_are_409(api: Api):
     again = a.agent.upload(1, 0, blob, num_samples=4)
     assert again == first
     other = a.make_update(1)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ServerError) as e:
         a.agent.upload(1, 0, other, num_samples=4)
     assert e.value.status == 409 and "already uploaded" in str(e.value.detail)
     b = agents[1]
     b.apply(b.poll()["sync"])
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ServerError) as e:
         b.agent.upload(2, 1, b.make_update(2), num_samples=4)
     assert e.value.status == 409 and "not the open round" in str(e.value.detail)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ServerError) as e:
         b.agent.upload(1, 3, b.make_update(1), num_samples=4)
     assert e.value.status == 409 and "stale" in str(e.value.detail)
     # Nothing of the refused uploads was stored.
@@ -274,7 +275,7 @@ def test_revoked_token_stops_at_once_and_round_stops_waiting(api: Api):
     cid = agents[2].info["client_id"]
     r = api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/revoke")
     assert r.status_code == 200 and r.json()["status"] == "revoked"
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ServerError) as e:
         agents[2].poll()
     assert e.value.status == 410
     assert api.run(run_id)["status"] == "completed"  # closed without the revoked client
