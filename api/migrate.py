@@ -10,7 +10,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from api.db import make_engine
 
@@ -25,6 +25,9 @@ def alembic_config(url: str) -> Config:
 
 
 def wait_for_database(url: str, timeout: float = 60.0) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = make_engine(url)
     deadline = time.monotonic() + timeout
     try:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     #: Redis visibility timeout: longer than the longest task (aggregation of a 70B layout,
     #: a slow local round), or Redis redelivers a task that is still running.
     task_visibility_timeout: int = Field(default=6 * 3600, ge=60)
+    #: Fault injection for the crash tests: aggregation pauses this long after it has
+    #: started, so a test can kill the worker mid-task. Always 0 in real deployments.
+    fault_aggregate_delay_s: float = Field(default=0.0, ge=0.0, le=600.0)
 
     @model_validator(mode="after")
     def _secrets_outside_development(self) -> Settings:

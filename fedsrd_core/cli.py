@@ -13,7 +13,7 @@ from typing import Any
 DEFAULT_CACHE = Path(os.environ.get("FEDSRD_CACHE", Path.home() / ".cache" / "fedsrd"))
 
 
-def _simulate_parser(sub: Any) -> None:
+def add_simulate_command(sub: Any) -> None:
     p = sub.add_parser(
         "simulate",
         help="run a whole federation in one process",
@@ -62,7 +62,7 @@ def _simulate_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _run_simulate(args: argparse.Namespace) -> int:
+def run_simulate(args: argparse.Namespace) -> int:
     from fedsrd_core.data import (
         DOMAINS,
         OOD_DOMAINS,
@@ -142,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsrd`` command."""
     parser = argparse.ArgumentParser(prog="fedsrd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _simulate_parser(sub)
+    add_simulate_command(sub)
     args = parser.parse_args(argv)
-    commands = {"simulate": _run_simulate}
+    commands = {"simulate": run_simulate}
     return commands[args.command](args)
 
 

@@ -46,6 +46,8 @@ def aggregate_round(rt: Runtime, round_id: int) -> None:
     """Aggregate a round's updates into its global delta, the next snapshot and digest."""
     if not round_service.start_aggregation(rt, round_id):
         return
+    if rt.settings.fault_aggregate_delay_s:
+        time.sleep(rt.settings.fault_aggregate_delay_s)
     t0 = time.perf_counter()
     with rt.sessions() as s:
         rnd = s.get(Round, round_id)

@@ -1,0 +1,965 @@
+"""Load benchmark of the control plane: one API process on PostgreSQL and Redis, a real
+Celery worker, and agents talking HTTP to it from this process.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/api_load.py [--quick] [--agents N] [--duration S]
+                                            [--interval S] [--blob-mib M] [--rounds R]
+
+What it starts: a throwaway PostgreSQL database ``fedsrd_bench_<random>`` (migrated with
+``api.migrate.upgrade``), Redis db ``--redis-db`` (13; flushed at start and end), one
+``uvicorn --factory api.main:app_from_env`` process and one Celery worker
+(``-Q fedsrd.cpu,fedsrd.gpu --pool solo``), on free ports, with their output in log files
+whose tails are printed if anything fails. Everything is stopped and dropped at the end,
+error or not. PostgreSQL and Redis are started first if their ports are closed.
+
+What it measures, in one run:
+
+1. **Poll latency.** A running run (tiny model, LoRA rank 4, 1000 rounds) with ``--agents``
+   enrolled clients (200; ``--quick``: 50), every one in the open round. Each agent, an
+   asyncio task sharing one ``httpx.AsyncClient`` (one keep-alive connection per agent),
+   polls ``GET /api/v1/agent/runs/{id}/poll?have_round=0&wait=0`` for ``--duration`` seconds
+   (60; quick: 10) and sleeps like a real agent between polls: ``retry_after`` after a
+   ``wait`` answer, else ``--interval`` (1 s) of think time, so N agents make about N polls/s.
+   Starts are spread over one interval and one unmeasured warm-up poll per agent opens the
+   connections. Reported: p50/p90/p99/max latency of the successful polls (request start to
+   parsed answer, as the agent sees it), polls/s, errors, and the CPU time the API process
+   and this load generator used. Target: p99 < 100 ms.
+2. **Transfer throughput.** A ``fedavg`` run (dense fp32 uploads) whose adapter makes a dense
+   upload of about ``--blob-mib`` MiB (64). The tiny model's adapter tops out near 9 MiB at the
+   largest allowed rank (1024), so this run uses a wider, *untrained* model of the same family
+   (``fedsrd_core.modeling.build_tiny_model``, hidden 512, MLP 1376, 2 layers), built once into
+   the model cache; the rank is chosen from a probe run's ``lora_parameters``. Upload: ``PUT
+   .../rounds/1/update`` of a valid random dense update (request start to response; the server
+   streams it to disk, hashes, decodes and validates it, fsyncs, records it), from 3 different
+   clients (a 4th enrolled client never uploads, so the round stays open and no aggregation
+   runs during the measurement). Download: ``GET .../blobs/{sha}`` of the run's initial snapshot
+   (the same dense size), streamed into a file. Baselines in the same run: the same bytes sent
+   through a plain TCP socket on 127.0.0.1 to a thread that writes them to a file ("loopback
+   copy"), and ``shutil.copyfile`` of a file of that size (neither fsyncs). Each figure is the
+   median of ``--repeats`` (3). Target: upload and download >= 0.5 of the loopback copy.
+3. **Round turnaround.** A ``fedsrd`` run on the tiny model (rank 4, ``--rounds`` 5) with two
+   clients that do what an agent does without training: sync (snapshot, then global deltas,
+   each checked against the published digest), add small random steps to the factors, upload
+   the strategy's real client update. After the first client uploads it long-polls
+   (``wait=10``); the client-side turnaround is the time from the second (last) upload's
+   response to that poll returning ``train`` for the next round. The server-side figure is
+   each round's ``metrics.turnaround_s`` (``GET /api/v1/runs/{id}/rounds``: round collected to
+   next round opened). R rounds give R - 1 turnarounds. Target: < 1 s.
+
+The exit status is 0 unless something broke (timings never fail the run). A human summary
+goes to stderr; ONE JSON object is the last line of stdout. MiB = 2**20 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import _common as c
+import httpx
+import torch
+
+from fedsrd_core.codec import encode
+from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
+from fedsrd_core.state import GlobalState, state_digest
+from fedsrd_core.strategies import RoundContext, get_strategy
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MIB = 1024 * 1024
+AGENT = "/api/v1/agent/runs/{run_id}"
+#: Wider than the tiny model, same family, so a dense adapter upload can reach ~64 MiB.
+WIDE_SPEC = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+}
+LONG = 86400.0  # deadlines and client timeouts that never fire during the benchmark
+log = c.log
+
+
+# ---------------------------------------------------------------------------------------------
+# Services, database and subprocesses
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_open(host, port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{host}:{port} did not open within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def ensure_services(host: str, pg_port: int, redis_port: int) -> None:
+    """Start PostgreSQL and Redis (left running afterwards) if their ports are closed."""
+    if not port_open(host, pg_port):
+        versions = sorted(
+            os.listdir("/etc/postgresql"), key=lambda v: [int(x) for x in v.split(".")]
+        )
+        log(f"PostgreSQL is not listening on {pg_port}; starting cluster {versions[-1]}/main")
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"],
+            check=True,
+        )
+        wait_port(host, pg_port, 60)
+    if not port_open(host, redis_port):
+        log(f"Redis is not listening on {redis_port}; starting redis-server")
+        subprocess.run(
+            [
+                *("redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1"),
+                *("--port", str(redis_port), "--save", "", "--appendonly", "no"),
+            ],
+            check=True,
+        )
+        wait_port(host, redis_port, 30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def throwaway_database(host: str, port: int) -> Iterator[str]:
+    """A fresh database; yields its SQLAlchemy URL, drops it (connections and all) after."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"fedsrd_bench_{secrets.token_hex(6)}"
+    dsn = f"host={host} port={port} user=postgres dbname=postgres"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"postgresql+psycopg://postgres@{host}:{port}/{name}"
+    finally:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        except Exception as e:
+            log(f"could not drop database {name}: {e}")
+
+
+class Proc:
+    """A subprocess in its own process group, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.log_path = logs / f"{name}.log"
+        self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def check_alive(self) -> None:
+        rc = self.popen.poll()
+        if rc is not None:
+            raise RuntimeError(f"{self.name} exited with status {rc} (log: {self.log_path})")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to the group (a graceful shutdown), SIGKILL if it lingers."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} ignored SIGTERM for {timeout:.0f} s; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        # Children left in the group (none expected with --pool solo) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_ready(base_url: str, api: Proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        api.check_alive()
+        try:
+            r = httpx.get(base_url + "/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.25)
+    raise RuntimeError(f"API not ready after {timeout:.0f} s: {last}")
+
+
+def wait_worker(broker_url: str, node: str, worker: Proc, timeout: float = 120.0) -> None:
+    """Until the Celery worker ``node`` answers a control ping."""
+    from celery import Celery
+
+    app = Celery("bench-ping", broker=broker_url, set_as_current=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            worker.check_alive()
+            if app.control.ping(destination=[node], timeout=1.0):
+                return
+        raise RuntimeError(f"Celery worker {node} did not answer within {timeout:.0f} s")
+    finally:
+        app.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile ``q`` (0..1) of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def check(r: httpx.Response, what: str) -> Any:
+    if r.status_code >= 400:
+        raise RuntimeError(f"{what}: HTTP {r.status_code}: {r.text[:500]}")
+    return r.json() if r.content else None
+
+
+class Admin:
+    """The admin's side of the API (runs, clients, rounds)."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.http = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=600
+        )
+
+    def create_run(self, body: dict[str, Any], *, launch: bool) -> dict[str, Any]:
+        r = self.http.post("/api/v1/runs", params={"launch": launch}, json=body)
+        result: dict[str, Any] = check(r, f"create run {body['name']!r}")
+        return result
+
+    def launch(self, run_id: int) -> None:
+        check(self.http.post(f"/api/v1/runs/{run_id}/launch"), f"launch run {run_id}")
+
+    def cancel(self, run_id: int) -> None:
+        check(self.http.post(f"/api/v1/runs/{run_id}/cancel"), f"cancel run {run_id}")
+
+    def enroll(self, run_id: int, name: str) -> str:
+        r = self.http.post(f"/api/v1/runs/{run_id}/clients", json={"name": name})
+        return str(check(r, f"enroll {name}")["token"])
+
+    def rounds(self, run_id: int) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = check(
+            self.http.get(f"/api/v1/runs/{run_id}/rounds"), "list rounds"
+        )["data"]
+        return data
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Poll latency
+
+
+def poll_phase(args: argparse.Namespace, base_url: str, admin: Admin, api: Proc) -> dict[str, Any]:
+    run = admin.create_run(
+        {
+            "name": "bench-poll",
+            "model": "tiny",
+            "lora": {"rank": 4},
+            "rounds": 1000,
+            "round_deadline_s": LONG,
+            "client_timeout_s": LONG,
+        },
+        launch=True,
+    )
+    run_id = int(run["id"])
+    t0 = time.perf_counter()
+    tokens = [admin.enroll(run_id, f"agent-{i:04d}") for i in range(args.agents)]
+    log(f"poll: run {run_id}, {len(tokens)} clients enrolled in {time.perf_counter() - t0:.1f} s")
+    result = run_async(poll_load(args, base_url, run_id, tokens, api))
+    admin.cancel(run_id)
+    return result
+
+
+async def poll_load(
+    args: argparse.Namespace, base_url: str, run_id: int, tokens: list[str], api: Proc
+) -> dict[str, Any]:
+    url = AGENT.format(run_id=run_id) + "/poll"
+    params = {"have_round": 0, "wait": 0}
+    latencies: list[float] = []
+    actions: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    limits = httpx.Limits(max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens))
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
+        # Warm-up, unmeasured: one poll per agent, spread over an interval, opens connections.
+        async def warm(i: int, token: str) -> None:
+            await asyncio.sleep(args.interval * i / len(tokens))
+            check(await http.get(url, params=params, headers=auth(token)), "warm-up poll")
+
+        await asyncio.gather(*(warm(i, t) for i, t in enumerate(tokens)))
+
+        start = time.perf_counter()
+        end = start + args.duration
+        last_done = start
+
+        async def agent(i: int, token: str) -> None:
+            nonlocal last_done
+            headers = auth(token)
+            await asyncio.sleep(args.interval * i / len(tokens))  # spread the starts
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                pause = args.interval
+                try:
+                    r = await http.get(url, params=params, headers=headers)
+                    if r.status_code == 200:
+                        body = r.json()
+                        dt = time.perf_counter() - t0
+                        latencies.append(dt)
+                        actions[body["action"]] += 1
+                        if body["action"] == "wait" and body.get("retry_after") is not None:
+                            pause = float(body["retry_after"])
+                    else:
+                        errors[f"HTTP {r.status_code}"] += 1
+                except httpx.HTTPError as e:
+                    errors[type(e).__name__] += 1
+                last_done = max(last_done, time.perf_counter())
+                await asyncio.sleep(pause)
+
+        cpu_api0, cpu_gen0 = api.cpu_seconds(), time.process_time()
+        await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
+        cpu_api, cpu_gen = api.cpu_seconds() - cpu_api0, time.process_time() - cpu_gen0
+    elapsed = last_done - start
+    lat = sorted(latencies)
+    p99 = percentile(lat, 0.99) * 1e3
+    n_err = sum(errors.values())
+    return {
+        "agents": len(tokens),
+        "duration_s": elapsed,
+        "interval_s": args.interval,
+        "polls": len(lat),
+        "polls_per_s": len(lat) / elapsed,
+        "p50_ms": percentile(lat, 0.50) * 1e3,
+        "p90_ms": percentile(lat, 0.90) * 1e3,
+        "p99_ms": p99,
+        "max_ms": (lat[-1] if lat else math.nan) * 1e3,
+        "mean_ms": (statistics.fmean(lat) if lat else math.nan) * 1e3,
+        "errors": n_err,
+        "error_kinds": dict(errors),
+        "actions": dict(actions),
+        "api_cpu_percent": 100 * cpu_api / elapsed,
+        "loadgen_cpu_percent": 100 * cpu_gen / elapsed,
+        "target_p99_ms": 100,
+        "met": bool(lat) and n_err == 0 and p99 < 100,
+    }
+
+
+def run_async(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when available (less load-generator overhead per request)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Upload / download throughput
+
+
+def wide_model(cache: Path) -> Path:
+    """The untrained wide model directory (built once; a few seconds)."""
+    from fedsrd_core.modeling import TinyModelSpec, build_tiny_model
+
+    tag = "-".join(f"{v}" for v in WIDE_SPEC.values())
+    path = cache / f"api-load-wide-{tag}"
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        log(f"transfer: building the wide model into {path}")
+        build_tiny_model(path, TinyModelSpec(**WIDE_SPEC))
+    return path
+
+
+def dense_update(layout: dict[str, list[int]], rank: int, seed: int) -> bytes:
+    """A valid dense fp32 update of every factor (what a fedavg client uploads)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (d_out, d_in) in sorted(layout.items()):
+        tensors[module + ".lora_A"] = torch.randn(rank, d_in, generator=g) * 1e-3
+        tensors[module + ".lora_B"] = torch.randn(d_out, rank, generator=g) * 1e-3
+    return encode(tensors, value_dtype="fp32")
+
+
+def loopback_copy(data: bytes, dest: Path) -> float:
+    """Seconds to send ``data`` over a TCP socket on 127.0.0.1 to a thread that writes it to
+    ``dest`` (until the receiver has closed the file and acknowledged)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    failure: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            conn, _ = srv.accept()
+            with conn:
+                buf = bytearray(MIB)
+                view = memoryview(buf)
+                with open(dest, "wb") as fh:
+                    while n := conn.recv_into(buf):
+                        fh.write(view[:n])
+                conn.sendall(b"k")
+        except BaseException as e:  # reported by the sender
+            failure.append(e)
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    with socket.create_connection(srv.getsockname()[:2]) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        ack = s.recv(1)
+    dt = time.perf_counter() - t0
+    t.join()
+    srv.close()
+    if failure or ack != b"k" or dest.stat().st_size != len(data):
+        raise RuntimeError(f"loopback copy failed: {failure or ack!r}")
+    return dt
+
+
+def file_copy(src: Path, dest: Path) -> float:
+    t0 = time.perf_counter()
+    shutil.copyfile(src, dest)
+    return time.perf_counter() - t0
+
+
+def transfer_phase(
+    args: argparse.Namespace, base_url: str, admin: Admin, work: Path
+) -> dict[str, Any]:
+    model = str(wide_model(args.model_cache))
+    probe_rank = 8
+    probe = admin.create_run(
+        {"name": "bench-probe", "model": model, "lora": {"rank": probe_rank}, "strategy": "fedavg"},
+        launch=False,
+    )
+    per_rank = int(probe["lora_parameters"]) / probe_rank
+    rank = max(1, min(1024, round(args.blob_mib * MIB / 4 / per_rank)))
+    uploaders = args.repeats
+    run = admin.create_run(
+        {
+            "name": "bench-transfer",
+            "model": model,
+            "lora": {"rank": rank},
+            "strategy": "fedavg",
+            "rounds": 1,
+            "round_deadline_s": LONG,
+            "client_timeout_s": LONG,
+        },
+        launch=False,
+    )
+    run_id = int(run["id"])
+    # One more client than uploads: the round never completes, so no aggregation competes.
+    tokens = [admin.enroll(run_id, f"xfer-{i}") for i in range(uploaders + 1)]
+    admin.launch(run_id)
+    prefix = AGENT.format(run_id=run_id)
+    scratch = work / "transfer"
+    scratch.mkdir()
+
+    http = httpx.Client(base_url=base_url, timeout=600)
+    try:
+        info = check(http.get(prefix, headers=auth(tokens[0])), "run info")
+        blobs = [dense_update(info["layout"], rank, seed=i) for i in range(uploaders)]
+        size = len(blobs[0])
+        log(
+            f"transfer: run {run_id}, rank {rank}, {run['lora_parameters']:,} LoRA parameters, "
+            f"upload {size / MIB:.1f} MiB"
+        )
+        plan = check(http.get(prefix + "/sync", headers=auth(tokens[0])), "sync")
+        snap = plan["snapshot"]
+        src = scratch / "source.bin"
+        src.write_bytes(blobs[0])
+        up_s, down_s, loop_s, copy_s = [], [], [], []
+        for i in range(args.repeats):
+            loop_s.append(loopback_copy(blobs[i], scratch / "loopback.bin"))
+            copy_s.append(file_copy(src, scratch / "copy.bin"))
+            for name in ("loopback.bin", "copy.bin"):
+                (scratch / name).unlink()
+
+            dest = scratch / "download.bin"
+            t0 = time.perf_counter()
+            with http.stream(
+                "GET", f"{prefix}/blobs/{snap['sha256']}", headers=auth(tokens[i])
+            ) as r:
+                if r.status_code != 200:
+                    r.read()
+                    check(r, "download")
+                with open(dest, "wb") as fh:
+                    for chunk in r.iter_raw(MIB):
+                        fh.write(chunk)
+            down_s.append(time.perf_counter() - t0)
+            got = hashlib.sha256(dest.read_bytes()).hexdigest()
+            if got != snap["sha256"] or dest.stat().st_size != snap["size"]:
+                raise RuntimeError(f"download of {snap['sha256']} arrived as {got}")
+            dest.unlink()
+
+            blob = blobs[i]
+            headers = {
+                **auth(tokens[i]),
+                "X-Content-SHA256": hashlib.sha256(blob).hexdigest(),
+                "Content-Type": "application/octet-stream",
+            }
+            # Open the connection first: the upload is timed on a warm keep-alive connection.
+            check(http.get(prefix, headers=auth(tokens[i])), "run info")
+            t0 = time.perf_counter()
+            r = http.put(
+                f"{prefix}/rounds/1/update",
+                params={"base_round": 0, "num_samples": 1},
+                content=blob,
+                headers=headers,
+            )
+            up_s.append(time.perf_counter() - t0)
+            accepted = check(r, "upload")
+            if accepted["size"] != len(blob) or accepted["round_complete"]:
+                raise RuntimeError(f"unexpected upload answer {accepted}")
+            log(
+                f"transfer {i + 1}/{args.repeats}: upload {up_s[-1] * 1e3:.0f} ms, download "
+                f"{down_s[-1] * 1e3:.0f} ms, loopback {loop_s[-1] * 1e3:.0f} ms, "
+                f"file copy {copy_s[-1] * 1e3:.0f} ms"
+            )
+    finally:
+        http.close()
+    admin.cancel(run_id)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    mib, snap_mib = size / MIB, snap["size"] / MIB
+    upload = mib / median(up_s)
+    download = snap_mib / median(down_s)
+    loopback = mib / median(loop_s)
+    up_ratio, down_ratio = upload / loopback, download / loopback
+    return {
+        "blob_mib": mib,
+        "snapshot_mib": snap_mib,
+        "model": "untrained tiny-family model "
+        + ",".join(f"{k}={v}" for k, v in WIDE_SPEC.items()),
+        "lora_rank": rank,
+        "repeats": args.repeats,
+        "upload_mib_s": upload,
+        "download_mib_s": download,
+        "loopback_copy_mib_s": loopback,
+        "file_copy_mib_s": mib / median(copy_s),
+        "upload_s": up_s,
+        "download_s": down_s,
+        "upload_ratio": up_ratio,
+        "download_ratio": down_ratio,
+        "target_ratio": 0.5,
+        "met": up_ratio >= 0.5 and down_ratio >= 0.5,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Round turnaround
+
+
+class SimAgent:
+    """An agent without a model: syncs exactly as the real one, 'trains' by random steps."""
+
+    def __init__(self, http: httpx.AsyncClient, run_id: int, token: str) -> None:
+        self.http = http
+        self.prefix = AGENT.format(run_id=run_id)
+        self.headers = auth(token)
+        self.state: GlobalState | None = None
+        self.have_round = -1
+
+    async def get(self, path: str, **kw: Any) -> httpx.Response:
+        r = await self.http.get(self.prefix + path, headers=self.headers, **kw)
+        if r.status_code >= 400:
+            raise RuntimeError(f"GET {path}: HTTP {r.status_code}: {r.text[:300]}")
+        return r
+
+    async def load_info(self) -> None:
+        self.info = (await self.get("")).json()
+        self.layout = {k: (int(v[0]), int(v[1])) for k, v in self.info["layout"].items()}
+        self.rank = int(self.info["lora"]["rank"])
+        self.client_id = int(self.info["client_id"])
+        self.strategy = get_strategy(self.info["strategy"], dict(self.info["strategy_config"]))
+
+    async def poll_until_action(self, wait: float = 10.0) -> tuple[dict[str, Any], float]:
+        """Long-poll until the answer is not ``wait``; the answer and when it arrived."""
+        while True:
+            params: dict[str, Any] = {"wait": wait}
+            if self.state is not None:
+                params["have_round"] = self.have_round
+            answer: dict[str, Any] = (await self.get("/poll", params=params)).json()
+            if answer["action"] != "wait":
+                return answer, time.perf_counter()
+
+    async def sync(self, plan: dict[str, Any] | None) -> None:
+        if not plan:
+            return
+        snap = plan.get("snapshot")
+        if snap is not None:
+            data = (await self.get(f"/blobs/{snap['sha256']}")).content
+            self.state = decode_snapshot(data, self.layout, self.rank)
+            self.have_round = int(snap["round"])
+            if state_digest(self.state) != snap["digest"]:
+                raise RuntimeError(f"snapshot of round {snap['round']}: digest mismatch")
+        for d in plan.get("deltas", []):
+            assert self.state is not None
+            data = (await self.get(f"/blobs/{d['sha256']}")).content
+            self.strategy.apply_global(
+                self.state, decode_global_delta(data, self.layout, self.rank)
+            )
+            self.have_round = int(d["round"])
+            if state_digest(self.state) != d["digest"]:
+                raise RuntimeError(f"state after round {d['round']}: digest mismatch")
+
+    def make_upload(self, number: int) -> bytes:
+        assert self.state is not None
+        seed = int(self.info["seed"])
+        trained = c.trained_copy(self.state, seed=number * 1009 + self.client_id, scale=1e-3)
+        ctx = RoundContext(round=number, seed=seed, value_dtype=self.info["value_dtype"])
+        with torch.no_grad():
+            tensors = self.strategy.client_upload(
+                self.state, trained, ctx, client_seed=number * 1009 + self.client_id
+            )
+        return encode(tensors, value_dtype=self.info["value_dtype"])
+
+    async def upload(self, number: int, blob: bytes) -> dict[str, Any]:
+        r = await self.http.put(
+            f"{self.prefix}/rounds/{number}/update",
+            params={"base_round": number - 1, "num_samples": 1},
+            content=blob,
+            headers={
+                **self.headers,
+                "X-Content-SHA256": hashlib.sha256(blob).hexdigest(),
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        if r.status_code >= 400:
+            raise RuntimeError(f"upload round {number}: HTTP {r.status_code}: {r.text[:300]}")
+        result: dict[str, Any] = r.json()
+        return result
+
+
+def turnaround_phase(args: argparse.Namespace, base_url: str, admin: Admin) -> dict[str, Any]:
+    run = admin.create_run(
+        {
+            "name": "bench-turnaround",
+            "model": "tiny",
+            "lora": {"rank": 4},
+            "strategy": "fedsrd",
+            "rounds": args.rounds,
+            "round_deadline_s": 600.0,
+        },
+        launch=False,
+    )
+    run_id = int(run["id"])
+    tokens = [admin.enroll(run_id, f"turn-{i}") for i in range(2)]
+    admin.launch(run_id)
+    client_s, final_s = run_async(turnaround_rounds(args, base_url, run_id, tokens))
+    rounds = admin.rounds(run_id)
+    server_s = [
+        float(r["metrics"]["turnaround_s"]) for r in rounds if "turnaround_s" in r["metrics"]
+    ]
+    aggregate_s = [
+        float(r["metrics"]["durations"]["aggregate_s"])
+        for r in rounds
+        if "durations" in r["metrics"]
+    ]
+    if len(rounds) != args.rounds or any(r["status"] != "closed" for r in rounds):
+        raise RuntimeError(f"turnaround run did not close every round: {rounds}")
+    worst = max([*client_s, *server_s], default=math.nan)
+    return {
+        "rounds": args.rounds,
+        "turnarounds": len(client_s),
+        "client_s": client_s,
+        "client_median_s": median(client_s),
+        "client_max_s": max(client_s, default=math.nan),
+        "client_final_done_s": final_s,
+        "server_s": server_s,
+        "server_median_s": median(server_s),
+        "server_max_s": max(server_s, default=math.nan),
+        "aggregate_median_s": median(aggregate_s),
+        "target_s": 1.0,
+        "met": bool(client_s) and bool(server_s) and worst < 1.0,
+    }
+
+
+async def turnaround_rounds(
+    args: argparse.Namespace, base_url: str, run_id: int, tokens: list[str]
+) -> tuple[list[float], float]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        first, last = SimAgent(http, run_id, tokens[0]), SimAgent(http, run_id, tokens[1])
+        await first.load_info()
+        await last.load_info()
+        ans_first, _ = await first.poll_until_action()
+        ans_last, _ = await last.poll_until_action()
+        client_s: list[float] = []
+        final_s = math.nan
+        for number in range(1, args.rounds + 1):
+            for agent, ans in ((first, ans_first), (last, ans_last)):
+                if ans["action"] != "train" or ans["round"] != number:
+                    raise RuntimeError(f"expected to train round {number}, got {ans}")
+                await agent.sync(ans.get("sync"))
+            blob_first, blob_last = first.make_upload(number), last.make_upload(number)
+            await first.upload(number, blob_first)
+            # The first client long-polls for the next round while the last one uploads.
+            waiting = asyncio.create_task(first.poll_until_action())
+            await asyncio.sleep(0)
+            accepted = await last.upload(number, blob_last)
+            t_last = time.perf_counter()
+            if not accepted["round_complete"]:
+                raise RuntimeError(f"round {number} did not complete with the last upload")
+            ans_first, t_next = await waiting
+            if number < args.rounds:
+                if ans_first["action"] != "train":
+                    raise RuntimeError(f"after round {number}: {ans_first}")
+                client_s.append(t_next - t_last)
+                ans_last, _ = await last.poll_until_action()
+                log(f"turnaround: round {number} -> {number + 1} in {client_s[-1] * 1e3:.0f} ms")
+            else:
+                if ans_first["action"] != "done":
+                    raise RuntimeError(f"after the last round: {ans_first}")
+                final_s = t_next - t_last
+    return client_s, final_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def round_floats(x: Any) -> Any:
+    """Floats to 4 significant digits (a shorter JSON line; timings are noisier than that)."""
+    if isinstance(x, float):
+        return None if math.isnan(x) else float(f"{x:.4g}")
+    if isinstance(x, dict):
+        return {k: round_floats(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [round_floats(v) for v in x]
+    return x
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    host = "127.0.0.1"
+    ensure_services(host, args.pg_port, args.redis_port)
+    import redis
+
+    broker = f"redis://{host}:{args.redis_port}/{args.redis_db}"
+    redis.Redis(host=host, port=args.redis_port, db=args.redis_db).flushdb()
+    args.model_cache.mkdir(parents=True, exist_ok=True)
+    logs, data = work / "logs", work / "data"
+    logs.mkdir()
+    data.mkdir()
+    procs: list[Proc] = []
+    try:
+        with throwaway_database(host, args.pg_port) as db_url:
+            from api.migrate import upgrade
+
+            upgrade(db_url)
+            admin_token = secrets.token_urlsafe(24)[:32]
+            env = {
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "FEDSRD_DATA_DIR": str(data),
+                "FEDSRD_DATABASE_URL": db_url,
+                "FEDSRD_BROKER_URL": broker,
+                "FEDSRD_TASK_MODE": "celery",
+                "FEDSRD_ADMIN_TOKEN": admin_token,
+                "FEDSRD_MODEL_CACHE": str(args.model_cache),
+            }
+            port = free_port()
+            base_url = f"http://{host}:{port}"
+            api = Proc(
+                "uvicorn",
+                [
+                    *(PYTHON, "-m", "uvicorn", "--factory", "api.main:app_from_env"),
+                    *("--host", host, "--port", str(port), "--log-level", "warning"),
+                    "--no-access-log",
+                ],
+                env,
+                logs,
+            )
+            procs.append(api)
+            node = f"bench-{secrets.token_hex(4)}@{socket.gethostname()}"
+            worker = Proc(
+                "celery",
+                [
+                    *(PYTHON, "-m", "celery", "-A", "workers.worker", "worker"),
+                    *("-Q", "fedsrd.cpu,fedsrd.gpu", "--pool", "solo", "-n", node),
+                    *("--loglevel", "info", "--without-gossip", "--without-mingle"),
+                ],
+                env,
+                logs,
+            )
+            procs.append(worker)
+            wait_ready(base_url, api)
+            wait_worker(broker, node, worker)
+            log(f"API at {base_url} (pid {api.pid}), worker {node} (pid {worker.pid}) ready")
+            admin = Admin(base_url, admin_token)
+            try:
+                # The first run builds the tiny model into the cache (once): not timed.
+                poll = poll_phase(args, base_url, admin, api)
+                log(
+                    f"poll: {poll['polls']} polls by {poll['agents']} agents in "
+                    f"{poll['duration_s']:.1f} s ({poll['polls_per_s']:.0f}/s): "
+                    f"p50 {poll['p50_ms']:.1f} ms, p90 {poll['p90_ms']:.1f} ms, "
+                    f"p99 {poll['p99_ms']:.1f} ms, max {poll['max_ms']:.1f} ms, "
+                    f"{poll['errors']} errors; API CPU {poll['api_cpu_percent']:.0f}%, "
+                    f"load generator CPU {poll['loadgen_cpu_percent']:.0f}%"
+                )
+                transfer = transfer_phase(args, base_url, admin, work)
+                log(
+                    f"transfer ({transfer['blob_mib']:.1f} MiB): upload "
+                    f"{transfer['upload_mib_s']:.0f} MiB/s, download "
+                    f"{transfer['download_mib_s']:.0f} MiB/s, loopback copy "
+                    f"{transfer['loopback_copy_mib_s']:.0f} MiB/s, file copy "
+                    f"{transfer['file_copy_mib_s']:.0f} MiB/s; ratios "
+                    f"{transfer['upload_ratio']:.2f} / {transfer['download_ratio']:.2f}"
+                )
+                turnaround = turnaround_phase(args, base_url, admin)
+                log(
+                    f"turnaround over {turnaround['turnarounds']} rounds: client median "
+                    f"{turnaround['client_median_s'] * 1e3:.0f} ms, max "
+                    f"{turnaround['client_max_s'] * 1e3:.0f} ms; server median "
+                    f"{turnaround['server_median_s'] * 1e3:.0f} ms, max "
+                    f"{turnaround['server_max_s'] * 1e3:.0f} ms"
+                )
+            finally:
+                admin.close()
+            for p in procs:
+                p.check_alive()
+    except BaseException:
+        for p in procs:
+            log(f"---- last lines of {p.name} ({p.log_path}) ----\n{p.tail()}")
+        raise
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        with contextlib.suppress(Exception):
+            redis.Redis(host=host, port=args.redis_port, db=args.redis_db).flushdb()
+    return {
+        "benchmark": "api_load",
+        "quick": bool(args.quick),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "poll": poll,
+        "transfer": transfer,
+        "turnaround": turnaround,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="50 agents for 10 s")
+    parser.add_argument("--agents", type=int, default=None, help="polling agents (200)")
+    parser.add_argument("--duration", type=float, default=None, help="poll seconds (60)")
+    parser.add_argument("--interval", type=float, default=1.0, help="think time between polls")
+    parser.add_argument("--blob-mib", type=float, default=64.0, help="transfer size (MiB)")
+    parser.add_argument("--repeats", type=int, default=3, help="transfer repeats (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the turnaround run")
+    parser.add_argument("--pg-port", type=int, default=5432)
+    parser.add_argument("--redis-port", type=int, default=6379)
+    parser.add_argument("--redis-db", type=int, default=13, help="flushed at start and end")
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "fedsrd-bench-models",
+        help="FEDSRD_MODEL_CACHE (kept between runs: models are built once)",
+    )
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, blobs)")
+    args = parser.parse_args(argv)
+    args.agents = args.agents or (50 if args.quick else 200)
+    args.duration = args.duration or (10.0 if args.quick else 60.0)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (R rounds give R - 1 turnarounds)")
+    args.model_cache = args.model_cache.resolve()
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the cleanup
+
+    signal.signal(signal.SIGTERM, on_term)
+    work = Path(tempfile.mkdtemp(prefix="fedsrd-api-load-"))
+    ok = False
+    try:
+        report = run(args, work)
+        ok = True
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        if args.keep_tmp:
+            log(f"temp dir kept: {work}")
+        elif ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.rmtree(work / "data", ignore_errors=True)
+            log(f"logs kept in {work / 'logs'}")
+    c.emit(round_floats(report))
+
+
+if __name__ == "__main__":
+    main()
