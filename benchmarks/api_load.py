@@ -4,7 +4,8 @@ Celery worker, and agents talking HTTP to it from this process.
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/api_load.py [--quick] [--agents N] [--duration S]
-                                            [--interval S] [--blob-mib M] [--rounds R]
+                                            [--interval S] [--blob-mib M] [--repeats K]
+                                            [--rounds R] [--keep-tmp]
 
 What it starts: a throwaway PostgreSQL database ``fedsrd_bench_<random>`` (migrated with
 ``api.migrate.upgrade``), Redis db ``--redis-db`` (13; flushed at start and end), one
@@ -23,8 +24,7 @@ What it measures, in one run:
    ``wait`` answer, else ``--interval`` (1 s) of think time, so N agents make about N polls/s.
    Starts are spread over one interval and one unmeasured warm-up poll per agent opens the
    connections. Reported: p50/p90/p99/max latency of the successful polls (request start to
-   parsed answer, as the agent sees it), polls/s, errors, and the CPU time the API process
-   and this load generator used. Target: p99 < 100 ms.
+   parsed answer, as the agent sees it), polls/s and errors. Target: p99 < 100 ms.
 2. **Transfer throughput.** A ``fedavg`` run (dense fp32 uploads) whose adapter makes a dense
    upload of about ``--blob-mib`` MiB (64). The tiny model's adapter tops out near 9 MiB at the
    largest allowed rank (1024), so this run uses a wider, *untrained* model of the same family
@@ -36,8 +36,13 @@ What it measures, in one run:
    runs during the measurement). Download: ``GET .../blobs/{sha}`` of the run's initial snapshot
    (the same dense size), streamed into a file. Baselines in the same run: the same bytes sent
    through a plain TCP socket on 127.0.0.1 to a thread that writes them to a file ("loopback
-   copy"), and ``shutil.copyfile`` of a file of that size (neither fsyncs). Each figure is the
-   median of ``--repeats`` (3). Target: upload and download >= 0.5 of the loopback copy.
+   copy"), and ``shutil.copyfile`` of a file of that size (neither fsyncs, hashes nor
+   validates). Each figure is the median of ``--repeats`` (3). Before each timed operation
+   ``--prefault-mib`` (512) MiB are touched and freed: on a VM that hands freed memory back to
+   the host, the first touch of such memory otherwise dominates (see ``prefault``). While each
+   upload runs, the client that never uploads polls every 20 ms from a thread: the poll
+   latency before and during the upload shows whether the upload stalls the API for other
+   agents. Target: upload and download >= 0.5 of the loopback copy.
 3. **Round turnaround.** A ``fedsrd`` run on the tiny model (rank 4, ``--rounds`` 5) with two
    clients that do what an agent does without training: sync (snapshot, then global deltas,
    each checked against the published digest), add small random steps to the factors, upload
@@ -46,6 +51,12 @@ What it measures, in one run:
    response to that poll returning ``train`` for the next round. The server-side figure is
    each round's ``metrics.turnaround_s`` (``GET /api/v1/runs/{id}/rounds``: round collected to
    next round opened). R rounds give R - 1 turnarounds. Target: < 1 s.
+
+Each phase also reports the CPU used while it was measured (percent of one core): this
+benchmark (load generator), the API, the worker, the PostgreSQL backends of its database,
+and every other process (``others_percent``: the machine may be shared; a high figure means
+disturbed timings). ``cpu_count`` is in the summary: with 2 cores the load generator, API,
+worker and PostgreSQL all share them.
 
 The exit status is 0 unless something broke (timings never fail the run). A human summary
 goes to stderr; ONE JSON object is the last line of stdout. MiB = 2**20 bytes.
@@ -56,6 +67,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -199,14 +211,6 @@ class Proc:
         if rc is not None:
             raise RuntimeError(f"{self.name} exited with status {rc} (log: {self.log_path})")
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (Linux /proc)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return math.nan
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the group (a graceful shutdown), SIGKILL if it lingers."""
         if self.popen.poll() is None:
@@ -324,11 +328,112 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+@dataclasses.dataclass
+class Stack:
+    """What the phases talk to: the API, its processes and the admin client."""
+
+    base_url: str
+    api: Proc
+    worker: Proc
+    db_name: str
+    admin: Admin
+
+
+def _pid_ticks(pid: int) -> int | None:
+    """User + system CPU ticks of ``pid`` so far (None if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, steal) CPU ticks of the whole machine, all cores, since boot."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return user + nice + system + irq + softirq, steal
+
+
+def _backends(db_name: str) -> list[int]:
+    """PostgreSQL backend processes serving our database."""
+    out = []
+    needle = f" {db_name} ".encode()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"postgres: ") and needle in cmd.replace(b"\0", b" "):
+                out.append(int(d))
+    return out
+
+
+class CpuMeter:
+    """CPU used during a ``with`` block, in percent of one core: the whole machine, this
+    benchmark's processes (this one, the API, the worker, the PostgreSQL backends of its
+    database) and everything else. The machine may be shared: ``others_percent`` says how
+    much the figures of the block were disturbed."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.result: dict[str, float] = {}
+
+    def _ours(self) -> dict[str, list[int]]:
+        return {
+            "bench": [os.getpid()],
+            "api": [self.stack.api.pid],
+            "worker": [self.stack.worker.pid],
+            "postgres": _backends(self.stack.db_name),
+        }
+
+    def _sample(self) -> dict[int, int]:
+        return {
+            pid: t
+            for pids in self._ours().values()
+            for pid in pids
+            if (t := _pid_ticks(pid)) is not None
+        }
+
+    def __enter__(self) -> CpuMeter:
+        self.t0 = time.monotonic()
+        self.machine0 = _machine_ticks()
+        self.pids0 = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.monotonic() - self.t0
+        busy, steal = (b - a for a, b in zip(self.machine0, _machine_ticks(), strict=True))
+        hz = os.sysconf("SC_CLK_TCK")
+        used: dict[str, float] = {}
+        for group, pids in self._ours().items():
+            ticks = 0
+            for pid in pids:
+                now = _pid_ticks(pid)
+                if now is not None:
+                    ticks += now - self.pids0.get(pid, 0)
+            used[group] = ticks
+        ours = sum(used.values())
+
+        def pct(ticks: float) -> float:
+            return 100.0 * ticks / hz / elapsed
+
+        self.result = {
+            "machine_percent": pct(busy),
+            "ours_percent": pct(ours),
+            "others_percent": max(0.0, pct(busy - ours)),
+            "steal_percent": pct(steal),
+            **{f"{group}_percent": pct(t) for group, t in used.items()},
+        }
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Poll latency
 
 
-def poll_phase(args: argparse.Namespace, base_url: str, admin: Admin, api: Proc) -> dict[str, Any]:
+def poll_phase(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    admin = stack.admin
     run = admin.create_run(
         {
             "name": "bench-poll",
@@ -344,13 +449,13 @@ def poll_phase(args: argparse.Namespace, base_url: str, admin: Admin, api: Proc)
     t0 = time.perf_counter()
     tokens = [admin.enroll(run_id, f"agent-{i:04d}") for i in range(args.agents)]
     log(f"poll: run {run_id}, {len(tokens)} clients enrolled in {time.perf_counter() - t0:.1f} s")
-    result = run_async(poll_load(args, base_url, run_id, tokens, api))
+    result = run_async(poll_load(args, stack, run_id, tokens))
     admin.cancel(run_id)
     return result
 
 
 async def poll_load(
-    args: argparse.Namespace, base_url: str, run_id: int, tokens: list[str], api: Proc
+    args: argparse.Namespace, stack: Stack, run_id: int, tokens: list[str]
 ) -> dict[str, Any]:
     url = AGENT.format(run_id=run_id) + "/poll"
     params = {"have_round": 0, "wait": 0}
@@ -358,7 +463,7 @@ async def poll_load(
     actions: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens))
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=stack.base_url, limits=limits, timeout=30) as http:
         # Warm-up, unmeasured: one poll per agent, spread over an interval, opens connections.
         async def warm(i: int, token: str) -> None:
             await asyncio.sleep(args.interval * i / len(tokens))
@@ -393,9 +498,8 @@ async def poll_load(
                 last_done = max(last_done, time.perf_counter())
                 await asyncio.sleep(pause)
 
-        cpu_api0, cpu_gen0 = api.cpu_seconds(), time.process_time()
-        await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
-        cpu_api, cpu_gen = api.cpu_seconds() - cpu_api0, time.process_time() - cpu_gen0
+        with CpuMeter(stack) as cpu:
+            await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
     elapsed = last_done - start
     lat = sorted(latencies)
     p99 = percentile(lat, 0.99) * 1e3
@@ -414,8 +518,7 @@ async def poll_load(
         "errors": n_err,
         "error_kinds": dict(errors),
         "actions": dict(actions),
-        "api_cpu_percent": 100 * cpu_api / elapsed,
-        "loadgen_cpu_percent": 100 * cpu_gen / elapsed,
+        "cpu": cpu.result,
         "target_p99_ms": 100,
         "met": bool(lat) and n_err == 0 and p99 < 100,
     }
@@ -491,15 +594,58 @@ def loopback_copy(data: bytes, dest: Path) -> float:
     return dt
 
 
+def prefault(mib: int) -> None:
+    """Touch and free ``mib`` MiB, so that the next timed operation (in any process) gets
+    memory the hypervisor backs. On a VM that hands freed guest memory back to the host (free
+    page reporting, virtio-balloon) the first touch of such memory can be several times slower
+    than the copy being timed: here a 64 MiB loopback copy took 25 ms or 165 ms depending
+    only on it."""
+    if mib > 0:
+        block = b"\x01" * (mib * MIB)
+        del block
+
+
 def file_copy(src: Path, dest: Path) -> float:
     t0 = time.perf_counter()
     shutil.copyfile(src, dest)
     return time.perf_counter() - t0
 
 
-def transfer_phase(
-    args: argparse.Namespace, base_url: str, admin: Admin, work: Path
-) -> dict[str, Any]:
+class BackgroundPoller:
+    """A thread that polls every ``period`` seconds with its own connection, recording each
+    poll's (start, end): how the API answers other agents while it takes an upload."""
+
+    def __init__(self, base_url: str, url: str, token: str, period: float = 0.02) -> None:
+        self.http = httpx.Client(base_url=base_url, headers=auth(token), timeout=60)
+        self.url, self.period = url, period
+        self.polls: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            check(self.http.get(self.url, params={"have_round": 0, "wait": 0}), "poll")
+            self.polls.append((t0, time.perf_counter()))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> BackgroundPoller:
+        check(self.http.get(self.url, params={"have_round": 0, "wait": 0}), "poll")  # connect
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.http.close()
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Latencies of the polls that overlapped ``[start, end]``."""
+        return [b - a for a, b in self.polls if a < end and b > start]
+
+
+def transfer_phase(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str, Any]:
+    admin = stack.admin
     model = str(wide_model(args.model_cache))
     probe_rank = 8
     probe = admin.create_run(
@@ -529,7 +675,9 @@ def transfer_phase(
     scratch = work / "transfer"
     scratch.mkdir()
 
-    http = httpx.Client(base_url=base_url, timeout=600)
+    http = httpx.Client(base_url=stack.base_url, timeout=600)
+    polls_idle: list[float] = []
+    polls_upload: list[float] = []
     try:
         info = check(http.get(prefix, headers=auth(tokens[0])), "run info")
         blobs = [dense_update(info["layout"], rank, seed=i) for i in range(uploaders)]
@@ -543,12 +691,16 @@ def transfer_phase(
         src = scratch / "source.bin"
         src.write_bytes(blobs[0])
         up_s, down_s, loop_s, copy_s = [], [], [], []
+        meter = CpuMeter(stack).__enter__()
         for i in range(args.repeats):
+            prefault(args.prefault_mib)
             loop_s.append(loopback_copy(blobs[i], scratch / "loopback.bin"))
+            prefault(args.prefault_mib)
             copy_s.append(file_copy(src, scratch / "copy.bin"))
             for name in ("loopback.bin", "copy.bin"):
                 (scratch / name).unlink()
 
+            prefault(args.prefault_mib)
             dest = scratch / "download.bin"
             t0 = time.perf_counter()
             with http.stream(
@@ -574,14 +726,21 @@ def transfer_phase(
             }
             # Open the connection first: the upload is timed on a warm keep-alive connection.
             check(http.get(prefix, headers=auth(tokens[i])), "run info")
-            t0 = time.perf_counter()
-            r = http.put(
-                f"{prefix}/rounds/1/update",
-                params={"base_round": 0, "num_samples": 1},
-                content=blob,
-                headers=headers,
-            )
-            up_s.append(time.perf_counter() - t0)
+            # The client that never uploads polls meanwhile: idle, then during the upload.
+            prefault(args.prefault_mib)
+            with BackgroundPoller(stack.base_url, prefix + "/poll", tokens[-1]) as poller:
+                time.sleep(0.3)
+                t0 = time.perf_counter()
+                r = http.put(
+                    f"{prefix}/rounds/1/update",
+                    params={"base_round": 0, "num_samples": 1},
+                    content=blob,
+                    headers=headers,
+                )
+                t1 = time.perf_counter()
+            up_s.append(t1 - t0)
+            polls_idle += poller.latencies(0.0, t0 - 0.05)
+            polls_upload += poller.latencies(t0, t1)
             accepted = check(r, "upload")
             if accepted["size"] != len(blob) or accepted["round_complete"]:
                 raise RuntimeError(f"unexpected upload answer {accepted}")
@@ -590,10 +749,13 @@ def transfer_phase(
                 f"{down_s[-1] * 1e3:.0f} ms, loopback {loop_s[-1] * 1e3:.0f} ms, "
                 f"file copy {copy_s[-1] * 1e3:.0f} ms"
             )
+        meter.__exit__()
     finally:
         http.close()
     admin.cancel(run_id)
     shutil.rmtree(scratch, ignore_errors=True)
+    polls_idle.sort()
+    polls_upload.sort()
 
     mib, snap_mib = size / MIB, snap["size"] / MIB
     upload = mib / median(up_s)
@@ -607,12 +769,26 @@ def transfer_phase(
         + ",".join(f"{k}={v}" for k, v in WIDE_SPEC.items()),
         "lora_rank": rank,
         "repeats": args.repeats,
+        "prefault_mib": args.prefault_mib,
         "upload_mib_s": upload,
         "download_mib_s": download,
         "loopback_copy_mib_s": loopback,
         "file_copy_mib_s": mib / median(copy_s),
+        "loopback_s": loop_s,
+        "file_copy_s": copy_s,
         "upload_s": up_s,
         "download_s": down_s,
+        "poll_idle_ms": {
+            "count": len(polls_idle),
+            "p50": percentile(polls_idle, 0.5) * 1e3,
+            "max": (polls_idle[-1] if polls_idle else math.nan) * 1e3,
+        },
+        "poll_during_upload_ms": {
+            "count": len(polls_upload),
+            "p50": percentile(polls_upload, 0.5) * 1e3,
+            "max": (polls_upload[-1] if polls_upload else math.nan) * 1e3,
+        },
+        "cpu": meter.result,
         "upload_ratio": up_ratio,
         "download_ratio": down_ratio,
         "target_ratio": 0.5,
@@ -647,15 +823,19 @@ class SimAgent:
         self.client_id = int(self.info["client_id"])
         self.strategy = get_strategy(self.info["strategy"], dict(self.info["strategy_config"]))
 
-    async def poll_until_action(self, wait: float = 10.0) -> tuple[dict[str, Any], float]:
+    async def poll_until_action(
+        self, wait: float = 10.0, give_up: float = 120.0
+    ) -> tuple[dict[str, Any], float]:
         """Long-poll until the answer is not ``wait``; the answer and when it arrived."""
-        while True:
+        deadline = time.perf_counter() + give_up
+        while time.perf_counter() < deadline:
             params: dict[str, Any] = {"wait": wait}
             if self.state is not None:
                 params["have_round"] = self.have_round
             answer: dict[str, Any] = (await self.get("/poll", params=params)).json()
             if answer["action"] != "wait":
                 return answer, time.perf_counter()
+        raise RuntimeError(f"no work for {give_up:.0f} s (is the worker aggregating?)")
 
     async def sync(self, plan: dict[str, Any] | None) -> None:
         if not plan:
@@ -705,7 +885,8 @@ class SimAgent:
         return result
 
 
-def turnaround_phase(args: argparse.Namespace, base_url: str, admin: Admin) -> dict[str, Any]:
+def turnaround_phase(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    admin = stack.admin
     run = admin.create_run(
         {
             "name": "bench-turnaround",
@@ -720,7 +901,8 @@ def turnaround_phase(args: argparse.Namespace, base_url: str, admin: Admin) -> d
     run_id = int(run["id"])
     tokens = [admin.enroll(run_id, f"turn-{i}") for i in range(2)]
     admin.launch(run_id)
-    client_s, final_s = run_async(turnaround_rounds(args, base_url, run_id, tokens))
+    with CpuMeter(stack) as cpu:
+        client_s, final_s = run_async(turnaround_rounds(args, stack.base_url, run_id, tokens))
     rounds = admin.rounds(run_id)
     server_s = [
         float(r["metrics"]["turnaround_s"]) for r in rounds if "turnaround_s" in r["metrics"]
@@ -744,6 +926,7 @@ def turnaround_phase(args: argparse.Namespace, base_url: str, admin: Admin) -> d
         "server_median_s": median(server_s),
         "server_max_s": max(server_s, default=math.nan),
         "aggregate_median_s": median(aggregate_s),
+        "cpu": cpu.result,
         "target_s": 1.0,
         "met": bool(client_s) and bool(server_s) and worst < 1.0,
     }
@@ -808,17 +991,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ensure_services(host, args.pg_port, args.redis_port)
     import redis
 
+    from api.migrate import upgrade
+
     broker = f"redis://{host}:{args.redis_port}/{args.redis_db}"
-    redis.Redis(host=host, port=args.redis_port, db=args.redis_db).flushdb()
+    broker_db = redis.Redis(host=host, port=args.redis_port, db=args.redis_db)
+    broker_db.flushdb()
     args.model_cache.mkdir(parents=True, exist_ok=True)
     logs, data = work / "logs", work / "data"
     logs.mkdir()
     data.mkdir()
-    procs: list[Proc] = []
     try:
         with throwaway_database(host, args.pg_port) as db_url:
-            from api.migrate import upgrade
-
             upgrade(db_url)
             admin_token = secrets.token_urlsafe(24)[:32]
             env = {
@@ -831,76 +1014,90 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "FEDSRD_ADMIN_TOKEN": admin_token,
                 "FEDSRD_MODEL_CACHE": str(args.model_cache),
             }
-            port = free_port()
-            base_url = f"http://{host}:{port}"
-            api = Proc(
-                "uvicorn",
-                [
-                    *(PYTHON, "-m", "uvicorn", "--factory", "api.main:app_from_env"),
-                    *("--host", host, "--port", str(port), "--log-level", "warning"),
-                    "--no-access-log",
-                ],
-                env,
-                logs,
-            )
-            procs.append(api)
-            node = f"bench-{secrets.token_hex(4)}@{socket.gethostname()}"
-            worker = Proc(
-                "celery",
-                [
-                    *(PYTHON, "-m", "celery", "-A", "workers.worker", "worker"),
-                    *("-Q", "fedsrd.cpu,fedsrd.gpu", "--pool", "solo", "-n", node),
-                    *("--loglevel", "info", "--without-gossip", "--without-mingle"),
-                ],
-                env,
-                logs,
-            )
-            procs.append(worker)
-            wait_ready(base_url, api)
-            wait_worker(broker, node, worker)
-            log(f"API at {base_url} (pid {api.pid}), worker {node} (pid {worker.pid}) ready")
-            admin = Admin(base_url, admin_token)
-            try:
-                # The first run builds the tiny model into the cache (once): not timed.
-                poll = poll_phase(args, base_url, admin, api)
-                log(
-                    f"poll: {poll['polls']} polls by {poll['agents']} agents in "
-                    f"{poll['duration_s']:.1f} s ({poll['polls_per_s']:.0f}/s): "
-                    f"p50 {poll['p50_ms']:.1f} ms, p90 {poll['p90_ms']:.1f} ms, "
-                    f"p99 {poll['p99_ms']:.1f} ms, max {poll['max_ms']:.1f} ms, "
-                    f"{poll['errors']} errors; API CPU {poll['api_cpu_percent']:.0f}%, "
-                    f"load generator CPU {poll['loadgen_cpu_percent']:.0f}%"
+            procs: list[Proc] = []
+            try:  # processes stop before the database is dropped
+                port = free_port()
+                base_url = f"http://{host}:{port}"
+                api = Proc(
+                    "uvicorn",
+                    [
+                        *(PYTHON, "-m", "uvicorn", "--factory", "api.main:app_from_env"),
+                        *("--host", host, "--port", str(port), "--log-level", "warning"),
+                        "--no-access-log",
+                    ],
+                    env,
+                    logs,
                 )
-                transfer = transfer_phase(args, base_url, admin, work)
-                log(
-                    f"transfer ({transfer['blob_mib']:.1f} MiB): upload "
-                    f"{transfer['upload_mib_s']:.0f} MiB/s, download "
-                    f"{transfer['download_mib_s']:.0f} MiB/s, loopback copy "
-                    f"{transfer['loopback_copy_mib_s']:.0f} MiB/s, file copy "
-                    f"{transfer['file_copy_mib_s']:.0f} MiB/s; ratios "
-                    f"{transfer['upload_ratio']:.2f} / {transfer['download_ratio']:.2f}"
+                procs.append(api)
+                node = f"bench-{secrets.token_hex(4)}@{socket.gethostname()}"
+                worker = Proc(
+                    "celery",
+                    [
+                        *(PYTHON, "-m", "celery", "-A", "workers.worker", "worker"),
+                        *("-Q", "fedsrd.cpu,fedsrd.gpu", "--pool", "solo", "-n", node),
+                        *("--loglevel", "info", "--without-gossip", "--without-mingle"),
+                    ],
+                    env,
+                    logs,
                 )
-                turnaround = turnaround_phase(args, base_url, admin)
-                log(
-                    f"turnaround over {turnaround['turnarounds']} rounds: client median "
-                    f"{turnaround['client_median_s'] * 1e3:.0f} ms, max "
-                    f"{turnaround['client_max_s'] * 1e3:.0f} ms; server median "
-                    f"{turnaround['server_median_s'] * 1e3:.0f} ms, max "
-                    f"{turnaround['server_max_s'] * 1e3:.0f} ms"
+                procs.append(worker)
+                wait_ready(base_url, api)
+                wait_worker(broker, node, worker)
+                log(f"API at {base_url} (pid {api.pid}), worker {node} (pid {worker.pid}) ready")
+                stack = Stack(
+                    base_url, api, worker, db_url.rsplit("/", 1)[1], Admin(base_url, admin_token)
                 )
+                try:
+                    summary = run_phases(args, stack, work)
+                finally:
+                    stack.admin.close()
+                for p in procs:
+                    p.check_alive()
+            except BaseException:
+                for p in procs:
+                    log(f"---- last lines of {p.name} ({p.log_path}) ----\n{p.tail()}")
+                raise
             finally:
-                admin.close()
-            for p in procs:
-                p.check_alive()
-    except BaseException:
-        for p in procs:
-            log(f"---- last lines of {p.name} ({p.log_path}) ----\n{p.tail()}")
-        raise
+                for p in reversed(procs):
+                    p.stop()
     finally:
-        for p in reversed(procs):
-            p.stop()
         with contextlib.suppress(Exception):
-            redis.Redis(host=host, port=args.redis_port, db=args.redis_db).flushdb()
+            broker_db.flushdb()
+        broker_db.close()
+    return summary
+
+
+def run_phases(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str, Any]:
+    # The first run builds the tiny model into the cache (once), before anything is timed.
+    poll = poll_phase(args, stack)
+    cpu = poll["cpu"]
+    log(
+        f"poll: {poll['polls']} polls by {poll['agents']} agents in {poll['duration_s']:.1f} s "
+        f"({poll['polls_per_s']:.0f}/s): p50 {poll['p50_ms']:.1f} ms, p90 {poll['p90_ms']:.1f} "
+        f"ms, p99 {poll['p99_ms']:.1f} ms, max {poll['max_ms']:.1f} ms, {poll['errors']} "
+        f"errors; CPU: API {cpu['api_percent']:.0f}%, load generator {cpu['bench_percent']:.0f}%,"
+        f" PostgreSQL {cpu['postgres_percent']:.0f}%, other processes {cpu['others_percent']:.0f}%"
+    )
+    transfer = transfer_phase(args, stack, work)
+    log(
+        f"transfer ({transfer['blob_mib']:.1f} MiB): upload {transfer['upload_mib_s']:.0f} MiB/s, "
+        f"download {transfer['download_mib_s']:.0f} MiB/s, loopback copy "
+        f"{transfer['loopback_copy_mib_s']:.0f} MiB/s, file copy "
+        f"{transfer['file_copy_mib_s']:.0f} MiB/s; ratios {transfer['upload_ratio']:.2f} / "
+        f"{transfer['download_ratio']:.2f}; a poll during an upload: max "
+        f"{transfer['poll_during_upload_ms']['max']:.0f} ms (idle: max "
+        f"{transfer['poll_idle_ms']['max']:.0f} ms); other processes "
+        f"{transfer['cpu']['others_percent']:.0f}% CPU"
+    )
+    turnaround = turnaround_phase(args, stack)
+    log(
+        f"turnaround over {turnaround['turnarounds']} rounds: client median "
+        f"{turnaround['client_median_s'] * 1e3:.0f} ms, max "
+        f"{turnaround['client_max_s'] * 1e3:.0f} ms; server median "
+        f"{turnaround['server_median_s'] * 1e3:.0f} ms, max "
+        f"{turnaround['server_max_s'] * 1e3:.0f} ms; other processes "
+        f"{turnaround['cpu']['others_percent']:.0f}% CPU"
+    )
     return {
         "benchmark": "api_load",
         "quick": bool(args.quick),
@@ -920,6 +1117,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="think time between polls")
     parser.add_argument("--blob-mib", type=float, default=64.0, help="transfer size (MiB)")
     parser.add_argument("--repeats", type=int, default=3, help="transfer repeats (median)")
+    parser.add_argument(
+        "--prefault-mib",
+        type=int,
+        default=512,
+        help="memory touched and freed before each timed transfer (0: none; see prefault())",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the turnaround run")
     parser.add_argument("--pg-port", type=int, default=5432)
     parser.add_argument("--redis-port", type=int, default=6379)

@@ -145,9 +145,10 @@ class FakeAgent:
         )
         return encode(up, value_dtype=self.info["value_dtype"])
 
-    def play_round(self) -> dict[str, Any] | None:
-        """Poll; if there is a round to train, sync and upload. Returns the upload answer."""
-        answer = self.poll()
+    def play_round(self, wait: float = 0.0) -> dict[str, Any] | None:
+        """Poll (a long poll if ``wait``); if there is a round to train, sync and upload.
+        Returns the upload answer, or None if there was nothing to do."""
+        answer = self.poll(wait)
         if answer["action"] != "train":
             return None
         if answer.get("sync"):
