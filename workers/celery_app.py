@@ -21,10 +21,13 @@ def create_celery(settings: Settings) -> Celery:
         q = settings.queue_dir
         (q / "messages").mkdir(parents=True, exist_ok=True)
         (q / "processed").mkdir(parents=True, exist_ok=True)
+        (q / "control").mkdir(parents=True, exist_ok=True)
         transport = {
             "data_folder_in": str(q / "messages"),
             "data_folder_out": str(q / "messages"),
             "processed_folder": str(q / "processed"),
+            # Exchange tables; kombu's default is ./control in the working directory.
+            "control_folder": str(q / "control"),
             "store_processed": False,
         }
     else:
