@@ -9,6 +9,7 @@ from fastapi import Depends, Path, Request
 
 from api.errors import Unauthorized
 from api.runtime import Runtime
+from api.schemas import MAX_INT
 from api.services.agent import AgentIdentity, authenticate
 
 
@@ -41,7 +42,7 @@ AdminDep = Depends(require_admin)
 
 
 def current_agent(
-    request: Request, rt: RuntimeDep, run_id: Annotated[int, Path(ge=1)]
+    request: Request, rt: RuntimeDep, run_id: Annotated[int, Path(ge=1, le=MAX_INT)]
 ) -> AgentIdentity:
     return authenticate(rt, bearer(request), run_id)
 

@@ -17,6 +17,8 @@ from fedsrd_core.data import DOMAINS, OOD_DOMAINS
 from fedsrd_core.strategies import available_strategies, get_strategy
 from fedsrd_core.training import TrainConfig
 
+#: Largest id, round or count the API takes: PostgreSQL INTEGER (and SQLite) hold it.
+MAX_INT = 2**31 - 1
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _ALL_DOMAINS = (*DOMAINS, *OOD_DOMAINS)
 

@@ -99,6 +99,8 @@ def test_create_run_rejects_bad_fields(api: Api, patch: dict, field: str):
 def test_create_run_rejects_bad_models(api: Api, tmp_path):
     from tests.api_support import small_run
 
+    # Found by schemathesis: a name too long for a path was an OSError, a 500.
+    _err(api.admin("POST", "/api/v1/runs", json=small_run(model="0" * 500)), 422, "model")
     missing = tmp_path / "no-such-model"
     _err(api.admin("POST", "/api/v1/runs", json=small_run(model=str(missing))), 422, "model")
     _err(
@@ -142,6 +144,9 @@ def test_admin_lookups(api: Api):
     _err(api.admin("GET", "/api/v1/runs/0"), 422, "run_id")
     _err(api.admin("GET", "/api/v1/runs?limit=0"), 422, "limit")
     _err(api.admin("GET", "/api/v1/runs?offset=-1"), 422, "offset")
+    # Found by schemathesis: ids and offsets beyond a database INTEGER were a 500.
+    _err(api.admin("GET", f"/api/v1/runs/{2**64}/rounds"), 422, "run_id")
+    _err(api.admin("GET", f"/api/v1/runs?offset={2**70}"), 422, "offset")
     _err(api.admin("POST", "/api/v1/runs/999/launch"), 404)
     _err(api.admin("GET", f"/api/v1/runs/{rid}/adapter"), 409, "not been launched")
     _err(api.admin("POST", f"/api/v1/runs/{rid}/clients", json={"name": "bad name!"}), 422, "name")

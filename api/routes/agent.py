@@ -13,6 +13,7 @@ from api.blobstore import BlobTooLarge
 from api.deps import AgentDep, RuntimeDep
 from api.errors import InvalidInput, TooLarge
 from api.schemas import (
+    MAX_INT,
     AgentRunInfo,
     HeartbeatIn,
     LoraSettings,
@@ -60,7 +61,7 @@ async def poll(
     response: Response,
     ident: AgentDep,
     rt: RuntimeDep,
-    have_round: Annotated[int | None, Query(ge=-1)] = None,
+    have_round: Annotated[int | None, Query(ge=-1, le=MAX_INT)] = None,
     wait: Annotated[float, Query(ge=0.0, le=300.0)] = 0.0,
 ) -> PollResponse:
     """What to do next. ``have_round``: the round whose global state the agent holds (-1 or
@@ -81,7 +82,9 @@ async def poll(
 
 @router.get("/sync")
 def sync(
-    ident: AgentDep, rt: RuntimeDep, have_round: Annotated[int | None, Query(ge=-1)] = None
+    ident: AgentDep,
+    rt: RuntimeDep,
+    have_round: Annotated[int | None, Query(ge=-1, le=MAX_INT)] = None,
 ) -> SyncPlan:
     """How to reach the newest global state from ``have_round`` (snapshot or deltas)."""
     return agent_service.sync_latest(rt, ident, have_round)
@@ -110,12 +113,12 @@ def download(sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> Response:
 @router.put("/rounds/{number}/update")
 async def upload(
     request: Request,
-    number: Annotated[int, Path(ge=1)],
+    number: Annotated[int, Path(ge=1, le=MAX_INT)],
     ident: AgentDep,
     rt: RuntimeDep,
-    base_round: Annotated[int, Query(ge=0)],
+    base_round: Annotated[int, Query(ge=0, le=MAX_INT)],
     x_content_sha256: Annotated[str, Header(pattern=r"^[0-9a-f]{64}$")],
-    num_samples: Annotated[int, Query(ge=0, le=2**31 - 1)] = 1,
+    num_samples: Annotated[int, Query(ge=0, le=MAX_INT)] = 1,
     train_loss: Annotated[float | None, Query(allow_inf_nan=False)] = None,
 ) -> UpdateAcceptedOut:
     """Upload the sparse update for round ``number`` (body: the wire-format blob;

@@ -11,6 +11,7 @@ from api.deps import AdminDep, RuntimeDep
 from api.errors import Conflict, NotFound
 from api.models import Client, Round, Run, utcnow
 from api.schemas import (
+    MAX_INT,
     ClientCreate,
     ClientEnrolled,
     ClientPublic,
@@ -26,7 +27,7 @@ from api.services import runs as run_service
 from api.services.states import lora_parameters
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[AdminDep])
-RunId = Annotated[int, Path(ge=1)]
+RunId = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
 def run_public(run: Run) -> RunPublic:
@@ -79,7 +80,7 @@ def create_run(
 @router.get("")
 def list_runs(
     rt: RuntimeDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunsPublic:
     rows, count = run_service.list_runs(rt, offset, limit)
@@ -125,7 +126,7 @@ def list_clients(run_id: RunId, rt: RuntimeDep) -> ClientsPublic:
 
 @router.post("/{run_id}/clients/{client_id}/revoke")
 def revoke_client(
-    run_id: RunId, client_id: Annotated[int, Path(ge=1)], rt: RuntimeDep
+    run_id: RunId, client_id: Annotated[int, Path(ge=1, le=MAX_INT)], rt: RuntimeDep
 ) -> ClientPublic:
     client = run_service.revoke_client(rt, run_id, client_id)
     run, current, _ = run_service.list_clients(rt, run_id)
@@ -163,7 +164,7 @@ def list_rounds(run_id: RunId, rt: RuntimeDep) -> RoundsPublic:
     responses={200: {"content": {"application/zip": {}}}},
 )
 def export_adapter(
-    run_id: RunId, rt: RuntimeDep, round: Annotated[int | None, Query(ge=0)] = None
+    run_id: RunId, rt: RuntimeDep, round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
 ) -> Response:
     """The global adapter after ``round`` (default: the newest closed round) as a zipped
     peft directory (adapter_config.json + adapter_model.safetensors)."""

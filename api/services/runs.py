@@ -55,14 +55,14 @@ def create(rt: Runtime, body: RunCreate) -> Run:
         layout = adapter_layout_for(
             path, rank=body.lora.rank, target_modules=body.lora.target_modules
         )
-    except ModelLoadError as e:
-        raise InvalidInput({"field": "model", "message": str(e)}) from e
+    except (ModelLoadError, OSError) as e:  # OSError: e.g. a name too long for a path
+        raise InvalidInput({"field": "model", "message": f"cannot load {body.model!r}: {e}"}) from e
     except ValueError as e:
         raise InvalidInput({"field": "lora.target_modules", "message": str(e)}) from e
     try:
         fingerprint = _fingerprint(path)
-    except ModelLoadError as e:
-        raise InvalidInput({"field": "model", "message": str(e)}) from e
+    except (ModelLoadError, OSError) as e:
+        raise InvalidInput({"field": "model", "message": f"cannot load {body.model!r}: {e}"}) from e
     if body.model_fingerprint is not None and body.model_fingerprint != fingerprint:
         raise InvalidInput(
             {
