@@ -361,3 +361,24 @@ def test_openapi_lists_every_endpoint(api: Api):
     ):
         assert p in paths, p
     assert ADMIN_H  # the admin header helper is what the tests use
+
+
+def test_clients_per_round_takes_a_seeded_subset(api: Api):
+    created, agents = _three_clients(api, rounds=2, clients_per_round=2)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    expected = api.rounds(run_id)[0]["expected"]
+    assert len(expected) == 2
+    for a in agents:
+        answer = a.play_round()
+        assert (answer is not None) == (a.info["client_id"] in expected)
+    r1 = api.rounds(run_id)[0]
+    assert r1["status"] == "closed"
+    assert sorted(r1["metrics"]["participants"]) == sorted(expected)
+    # A client left out of round 1 catches up when it is picked later.
+    for a in agents:
+        a.play_round()
+    assert api.run(run_id)["status"] == "completed"
+    for a in agents:
+        a.catch_up()
+        assert a.have_round == 2
