@@ -14,7 +14,8 @@ COPY workers workers
 COPY agent agent
 COPY migrations migrations
 RUN pip install .
-RUN useradd --create-home fedsrd
+# Named volumes mounted on /data take this ownership on first use.
+RUN useradd --create-home fedsrd && mkdir -p /data /models && chown fedsrd /data /models
 USER fedsrd
 EXPOSE 8000
 CMD ["uvicorn", "--factory", "api.main:app_from_env", "--host", "0.0.0.0", "--port", "8000"]
