@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-# The main job, until the control plane lands: a short simulated federation on the tiny
-# model, then the server-step, codec and communication benchmarks (JSON summaries).
+# The main job: the whole system on the embedded default (SQLite, local blobs, filesystem
+# broker; API and worker processes), a simulated federation through it, the adapter
+# exported; then the quick server-step, codec and communication benchmarks.
+DEMO_PORT ?= 8000
 demo: setup
-	$(BIN)/fedsrd simulate --strategy fedsrd --rounds 3 --out runs/demo
+	$(BIN)/fedsrd demo --data-dir var/demo --port $(DEMO_PORT)
 	$(BIN)/python benchmarks/server_step.py --quick
 	$(BIN)/python benchmarks/codec.py --quick
 	$(BIN)/python benchmarks/comm.py --quick
