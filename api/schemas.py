@@ -303,7 +303,8 @@ class UpdateAccepted(BaseModel):
     size: int
     base_round: int
     num_samples: int
-    #: Whether this upload completed the round (aggregation has been queued).
+    #: Whether the round has stopped taking updates (its aggregation is queued or done); an
+    #: identical retry reports the round's state at the time of the retry.
     round_complete: bool
 
 

@@ -382,3 +382,23 @@ def test_clients_per_round_takes_a_seeded_subset(api: Api):
     for a in agents:
         a.catch_up()
         assert a.have_round == 2
+
+
+def test_failed_aggregation_fails_the_run_and_resume_retries(api: Api):
+    created, agents = _three_clients(api, rounds=1)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    first = agents[0].play_round()
+    kept = api.rt.blobs.read_bytes(first["sha256"])
+    api.rt.blobs.delete(first["sha256"])  # the store lost an accepted update
+    agents[1].play_round()
+    agents[2].play_round()
+    run = api.run(run_id)
+    assert run["status"] == "failed"
+    assert "aggregation failed" in run["status_reason"]
+    assert "BlobNotFound" in run["status_reason"]
+    assert api.rounds(run_id)[0]["status"] == "aggregating"
+    api.rt.blobs.put_bytes(kept)  # restored from a backup
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/resume").status_code == 200
+    assert api.run(run_id)["status"] == "completed"
+    assert api.rounds(run_id)[0]["attempts"] == 2

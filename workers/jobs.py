@@ -43,9 +43,21 @@ _model_lock = threading.Lock()
 
 # -- aggregation -----------------------------------------------------------------------------
 def aggregate_round(rt: Runtime, round_id: int) -> None:
-    """Aggregate a round's updates into its global delta, the next snapshot and digest."""
+    """Aggregate a round's updates into its global delta, the next snapshot and digest.
+
+    An error that re-running cannot fix (a stored blob that no longer decodes, a bug) fails
+    the run with the message, resumable by an admin, instead of leaving the round
+    ``aggregating`` for ever."""
     if not round_service.start_aggregation(rt, round_id):
         return
+    try:
+        _aggregate(rt, round_id)
+    except Exception as e:
+        log.exception("aggregation of round %d failed", round_id)
+        round_service.fail_aggregation(rt, round_id, f"{type(e).__name__}: {e}")
+
+
+def _aggregate(rt: Runtime, round_id: int) -> None:
     if rt.settings.fault_aggregate_delay_s:
         time.sleep(rt.settings.fault_aggregate_delay_s)
     t0 = time.perf_counter()
