@@ -18,8 +18,8 @@ What it measures, in one run:
 
 1. **Poll latency.** A running run (tiny model, LoRA rank 4, 1000 rounds) with ``--agents``
    enrolled clients (200; ``--quick``: 50), every one in the open round. Each agent, an
-   asyncio task sharing one ``httpx.AsyncClient`` (one keep-alive connection per agent),
-   polls ``GET /api/v1/agent/runs/{id}/poll?have_round=0&wait=0`` for ``--duration`` seconds
+   asyncio task with its own keep-alive connection (a minimal HTTP/1.1 client that costs a
+   fraction of httpx's CPU per request; ``--loadgen httpx`` for a cross-check), polls ``GET /api/v1/agent/runs/{id}/poll?have_round=0&wait=0`` for ``--duration`` seconds
    (60; quick: 10) and sleeps like a real agent between polls: ``retry_after`` after a
    ``wait`` answer, else ``--interval`` (1 s) of think time, so N agents make about N polls/s.
    Starts are spread over one interval and one unmeasured warm-up poll per agent opens the
@@ -69,8 +69,10 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -454,52 +456,124 @@ def poll_phase(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     return result
 
 
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+#: What a failed poll raises, by load generator.
+_POLL_ERRORS = (OSError, EOFError, ValueError, TimeoutError, asyncio.LimitOverrunError)
+
+
+class RawGet:
+    """One agent's own keep-alive HTTP/1.1 connection, speaking just enough HTTP for a GET
+    answered with a Content-Length: a fraction of httpx's CPU per request, so that on a
+    2-core machine the load generator leaves the cores to the server."""
+
+    def __init__(self, host: str, port: int, target: str, token: str) -> None:
+        self.host, self.port = host, port
+        self.request = (
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nAccept: application/json\r\n\r\n"
+        ).encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self) -> tuple[int, bytes]:
+        try:
+            if self.reader is None or self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.write(self.request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            length = _CONTENT_LENGTH.search(head)
+            if length is None:
+                raise ValueError("answer without Content-Length")
+            body = await self.reader.readexactly(int(length.group(1)))
+            if _CONNECTION_CLOSE.search(head):
+                self.close()
+            return int(head[9:12]), body
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+class HttpxGet:
+    """The same GET through a shared ``httpx.AsyncClient`` (``--loadgen httpx``)."""
+
+    def __init__(self, http: httpx.AsyncClient, target: str, token: str) -> None:
+        self.http, self.target, self.headers = http, target, auth(token)
+
+    async def get(self) -> tuple[int, bytes]:
+        try:
+            r = await self.http.get(self.target, headers=self.headers)
+        except httpx.HTTPError as e:
+            raise OSError(f"{type(e).__name__}: {e}") from e
+        return r.status_code, r.content
+
+    def close(self) -> None:
+        pass
+
+
 async def poll_load(
     args: argparse.Namespace, stack: Stack, run_id: int, tokens: list[str]
 ) -> dict[str, Any]:
-    url = AGENT.format(run_id=run_id) + "/poll"
-    params = {"have_round": 0, "wait": 0}
+    target = AGENT.format(run_id=run_id) + "/poll?have_round=0&wait=0"
     latencies: list[float] = []
     actions: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens))
+    # httpx: idle connections are dropped before uvicorn's 5 s keep-alive timeout would close
+    # them under a request (a race that is the client's, not the API's).
+    limits = httpx.Limits(
+        max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens), keepalive_expiry=4
+    )
+    url = httpx.URL(stack.base_url)
     async with httpx.AsyncClient(base_url=stack.base_url, limits=limits, timeout=30) as http:
-        # Warm-up, unmeasured: one poll per agent, spread over an interval, opens connections.
-        async def warm(i: int, token: str) -> None:
-            await asyncio.sleep(args.interval * i / len(tokens))
-            check(await http.get(url, params=params, headers=auth(token)), "warm-up poll")
+        conns: list[RawGet | HttpxGet] = [
+            RawGet(url.host, url.port or 80, target, t)
+            if args.loadgen == "raw"
+            else HttpxGet(http, target, t)
+            for t in tokens
+        ]
 
-        await asyncio.gather(*(warm(i, t) for i, t in enumerate(tokens)))
+        # Warm-up, unmeasured: one poll per agent, spread over an interval, opens connections.
+        async def warm(i: int, conn: RawGet | HttpxGet) -> None:
+            await asyncio.sleep(args.interval * i / len(conns))
+            status, body = await conn.get()
+            if status != 200:
+                raise RuntimeError(f"warm-up poll: HTTP {status}: {body[:300]!r}")
+
+        await asyncio.gather(*(warm(i, c) for i, c in enumerate(conns)))
 
         start = time.perf_counter()
         end = start + args.duration
         last_done = start
 
-        async def agent(i: int, token: str) -> None:
+        async def agent(i: int, conn: RawGet | HttpxGet) -> None:
             nonlocal last_done
-            headers = auth(token)
-            await asyncio.sleep(args.interval * i / len(tokens))  # spread the starts
+            await asyncio.sleep(args.interval * i / len(conns))  # spread the starts
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
                 pause = args.interval
                 try:
-                    r = await http.get(url, params=params, headers=headers)
-                    if r.status_code == 200:
-                        body = r.json()
-                        dt = time.perf_counter() - t0
-                        latencies.append(dt)
+                    async with asyncio.timeout(30):
+                        status, raw = await conn.get()
+                    if status == 200:
+                        body = json.loads(raw)
+                        latencies.append(time.perf_counter() - t0)
                         actions[body["action"]] += 1
                         if body["action"] == "wait" and body.get("retry_after") is not None:
                             pause = float(body["retry_after"])
                     else:
-                        errors[f"HTTP {r.status_code}"] += 1
-                except httpx.HTTPError as e:
+                        errors[f"HTTP {status}"] += 1
+                except _POLL_ERRORS as e:
                     errors[type(e).__name__] += 1
                 last_done = max(last_done, time.perf_counter())
                 await asyncio.sleep(pause)
 
-        with CpuMeter(stack) as cpu:
-            await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
+    with CpuMeter(stack) as cpu:
+        await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
     elapsed = last_done - start
     lat = sorted(latencies)
     p99 = percentile(lat, 0.99) * 1e3
@@ -508,6 +582,7 @@ async def poll_load(
         "agents": len(tokens),
         "duration_s": elapsed,
         "interval_s": args.interval,
+        "loadgen": args.loadgen,
         "polls": len(lat),
         "polls_per_s": len(lat) / elapsed,
         "p50_ms": percentile(lat, 0.50) * 1e3,
@@ -1115,6 +1190,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agents", type=int, default=None, help="polling agents (200)")
     parser.add_argument("--duration", type=float, default=None, help="poll seconds (60)")
     parser.add_argument("--interval", type=float, default=1.0, help="think time between polls")
+    parser.add_argument(
+        "--loadgen",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="poll client: one raw keep-alive HTTP/1.1 connection per agent (lean) or httpx",
+    )
     parser.add_argument("--blob-mib", type=float, default=64.0, help="transfer size (MiB)")
     parser.add_argument("--repeats", type=int, default=3, help="transfer repeats (median)")
     parser.add_argument(

@@ -193,6 +193,13 @@ def test_missed_round_then_rejoin(api: Api):
     agents[0].play_round()
     agents[1].play_round()
     assert api.run(run_id)["status"] == "completed"
+    _consistent(api, run_id)
+
+
+def _consistent(api: Api, run_id: int) -> None:
+    from tests.e2e_support import check_consistent
+
+    check_consistent(api.settings.resolved_database_url, api.settings.data_dir, run_id)
 
 
 def _age_last_seen(api: Api, client_id: int, seconds: float) -> None:
@@ -235,6 +242,7 @@ def test_deadline_below_quorum_fails_then_resume(api: Api):
     agents[1].play_round()
     agents[2].play_round()
     assert api.run(run_id)["status"] == "completed"
+    _consistent(api, run_id)
 
 
 def test_deadline_below_quorum_extends(api: Api):
@@ -253,6 +261,7 @@ def test_deadline_below_quorum_extends(api: Api):
     round_service.sweep(api.rt)  # quorum met at the deadline: closes without the third
     assert api.rounds(run_id)[0]["status"] == "closed"
     assert api.run(run_id)["status"] == "completed"
+    _consistent(api, run_id)
 
 
 def test_cancel_stops_agents(api: Api):

@@ -101,6 +101,8 @@ def test_three_http_clients_train_three_rounds(stack: System, tiny_model: Path, 
     out = tmp_path / "adapter"
     zipfile.ZipFile(io.BytesIO(z.content)).extractall(out)
     loaded = PeftModel.from_pretrained(load_causal_lm(str(tiny_model))[0], out)
+    # participants[0].state has the server's digest after the last round (checked above),
+    # so it is the server's global state, factor for factor.
     state = participants[0].state
     assert state is not None
     ref = attach_lora(load_causal_lm(str(tiny_model))[0], lora_config(rank=4))
