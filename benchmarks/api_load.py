@@ -19,12 +19,15 @@ What it measures, in one run:
 1. **Poll latency.** A running run (tiny model, LoRA rank 4, 1000 rounds) with ``--agents``
    enrolled clients (200; ``--quick``: 50), every one in the open round. Each agent, an
    asyncio task with its own keep-alive connection (a minimal HTTP/1.1 client that costs a
-   fraction of httpx's CPU per request; ``--loadgen httpx`` for a cross-check), polls ``GET /api/v1/agent/runs/{id}/poll?have_round=0&wait=0`` for ``--duration`` seconds
+   fraction of httpx's CPU per request; ``--loadgen httpx`` for a cross-check), polls
+   ``GET /api/v1/agent/runs/{id}/poll?have_round=0&wait=0`` for ``--duration`` seconds
    (60; quick: 10) and sleeps like a real agent between polls: ``retry_after`` after a
    ``wait`` answer, else ``--interval`` (1 s) of think time, so N agents make about N polls/s.
    Starts are spread over one interval and one unmeasured warm-up poll per agent opens the
    connections. Reported: p50/p90/p99/max latency of the successful polls (request start to
-   parsed answer, as the agent sees it), polls/s and errors. Target: p99 < 100 ms.
+   parsed answer, as the agent sees it), polls/s, errors, and how many database connections
+   the API opened meanwhile (``pg_stat_database.sessions``; warm-up included: a steadily
+   growing count is connection-pool churn). Target: p99 < 100 ms.
 2. **Transfer throughput.** A ``fedavg`` run (dense fp32 uploads) whose adapter makes a dense
    upload of about ``--blob-mib`` MiB (64). The tiny model's adapter tops out near 9 MiB at the
    largest allowed rank (1024), so this run uses a wider, *untrained* model of the same family
@@ -53,10 +56,10 @@ What it measures, in one run:
    next round opened). R rounds give R - 1 turnarounds. Target: < 1 s.
 
 Each phase also reports the CPU used while it was measured (percent of one core): this
-benchmark (load generator), the API, the worker, the PostgreSQL backends of its database,
-and every other process (``others_percent``: the machine may be shared; a high figure means
-disturbed timings). ``cpu_count`` is in the summary: with 2 cores the load generator, API,
-worker and PostgreSQL all share them.
+benchmark (load generator), the API, the worker, the whole PostgreSQL cluster (exited
+backends included), and every other process (``others_percent``: the machine may be
+shared; a high figure means disturbed timings). ``cpu_count`` is in the summary: with 2
+cores the load generator, API, worker and PostgreSQL all share them.
 
 The exit status is 0 unless something broke (timings never fail the run). A human summary
 goes to stderr; ONE JSON object is the last line of stdout. MiB = 2**20 bytes.
@@ -338,6 +341,7 @@ class Stack:
     api: Proc
     worker: Proc
     db_name: str
+    pg_dsn: str  # the maintenance database, for statistics
     admin: Admin
 
 
@@ -357,66 +361,72 @@ def _machine_ticks() -> tuple[int, int]:
     return user + nice + system + irq + softirq, steal
 
 
-def _backends(db_name: str) -> list[int]:
-    """PostgreSQL backend processes serving our database."""
-    out = []
-    needle = f" {db_name} ".encode()
+def _postgres_ticks() -> int:
+    """CPU ticks of the whole PostgreSQL cluster so far: the postmaster, its live children,
+    and the children it has reaped (short-lived connections' backends included)."""
+    procs: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, own ticks, reaped ticks)
     for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"postgres: ") and needle in cmd.replace(b"\0", b" "):
-                out.append(int(d))
-    return out
+        if not d.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")] != "postgres":
+            continue
+        f = text.rsplit(")", 1)[1].split()
+        procs[int(d)] = (int(f[1]), int(f[11]) + int(f[12]), int(f[13]) + int(f[14]))
+    masters = {pid for pid, (ppid, _, _) in procs.items() if ppid not in procs}
+    return sum(
+        own + (reaped if pid in masters else 0)
+        for pid, (ppid, own, reaped) in procs.items()
+        if pid in masters or ppid in masters
+    )
+
+
+def db_sessions(stack: Stack) -> int | None:
+    """Connections ever opened to our database (``pg_stat_database.sessions``, PG 14+)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(stack.pg_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", (stack.db_name,)
+            ).fetchone()
+    except Exception:
+        return None
+    return None if row is None or row[0] is None else int(row[0])
 
 
 class CpuMeter:
     """CPU used during a ``with`` block, in percent of one core: the whole machine, this
-    benchmark's processes (this one, the API, the worker, the PostgreSQL backends of its
-    database) and everything else. The machine may be shared: ``others_percent`` says how
-    much the figures of the block were disturbed."""
+    benchmark's processes (this one: the load generator; the API; the worker), the whole
+    PostgreSQL cluster, and everything else. The machine may be shared: ``others_percent``
+    (and PostgreSQL work for other databases) says how much the block was disturbed."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.result: dict[str, float] = {}
 
-    def _ours(self) -> dict[str, list[int]]:
-        return {
-            "bench": [os.getpid()],
-            "api": [self.stack.api.pid],
-            "worker": [self.stack.worker.pid],
-            "postgres": _backends(self.stack.db_name),
-        }
-
-    def _sample(self) -> dict[int, int]:
-        return {
-            pid: t
-            for pids in self._ours().values()
-            for pid in pids
-            if (t := _pid_ticks(pid)) is not None
-        }
+    def _sample(self) -> dict[str, int]:
+        own = {"bench": os.getpid(), "api": self.stack.api.pid, "worker": self.stack.worker.pid}
+        out = {group: _pid_ticks(pid) or 0 for group, pid in own.items()}
+        out["postgres"] = _postgres_ticks()
+        return out
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
         self.machine0 = _machine_ticks()
-        self.pids0 = self._sample()
+        self.groups0 = self._sample()
         return self
 
     def __exit__(self, *exc: object) -> None:
         elapsed = time.monotonic() - self.t0
         busy, steal = (b - a for a, b in zip(self.machine0, _machine_ticks(), strict=True))
-        hz = os.sysconf("SC_CLK_TCK")
-        used: dict[str, float] = {}
-        for group, pids in self._ours().items():
-            ticks = 0
-            for pid in pids:
-                now = _pid_ticks(pid)
-                if now is not None:
-                    ticks += now - self.pids0.get(pid, 0)
-            used[group] = ticks
+        groups = self._sample()
+        used = {g: groups[g] - self.groups0[g] for g in groups}
         ours = sum(used.values())
+        hz = os.sysconf("SC_CLK_TCK")
 
         def pct(ticks: float) -> float:
             return 100.0 * ticks / hz / elapsed
@@ -451,7 +461,13 @@ def poll_phase(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     t0 = time.perf_counter()
     tokens = [admin.enroll(run_id, f"agent-{i:04d}") for i in range(args.agents)]
     log(f"poll: run {run_id}, {len(tokens)} clients enrolled in {time.perf_counter() - t0:.1f} s")
+    sessions0 = db_sessions(stack)
     result = run_async(poll_load(args, stack, run_id, tokens))
+    sessions1 = db_sessions(stack)
+    # Connections the API opened during the phase (one of the two is this query's own).
+    result["db_connections_opened"] = (
+        None if sessions0 is None or sessions1 is None else sessions1 - sessions0 - 1
+    )
     admin.cancel(run_id)
     return result
 
@@ -572,8 +588,12 @@ async def poll_load(
                 last_done = max(last_done, time.perf_counter())
                 await asyncio.sleep(pause)
 
-    with CpuMeter(stack) as cpu:
-        await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
+        try:
+            with CpuMeter(stack) as cpu:
+                await asyncio.gather(*(agent(i, c) for i, c in enumerate(conns)))
+        finally:
+            for c in conns:
+                c.close()
     elapsed = last_done - start
     lat = sorted(latencies)
     p99 = percentile(lat, 0.99) * 1e3
@@ -1120,7 +1140,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 wait_worker(broker, node, worker)
                 log(f"API at {base_url} (pid {api.pid}), worker {node} (pid {worker.pid}) ready")
                 stack = Stack(
-                    base_url, api, worker, db_url.rsplit("/", 1)[1], Admin(base_url, admin_token)
+                    base_url,
+                    api,
+                    worker,
+                    db_name=db_url.rsplit("/", 1)[1],
+                    pg_dsn=f"host={host} port={args.pg_port} user=postgres dbname=postgres",
+                    admin=Admin(base_url, admin_token),
                 )
                 try:
                     summary = run_phases(args, stack, work)
@@ -1151,7 +1176,8 @@ def run_phases(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str, 
         f"({poll['polls_per_s']:.0f}/s): p50 {poll['p50_ms']:.1f} ms, p90 {poll['p90_ms']:.1f} "
         f"ms, p99 {poll['p99_ms']:.1f} ms, max {poll['max_ms']:.1f} ms, {poll['errors']} "
         f"errors; CPU: API {cpu['api_percent']:.0f}%, load generator {cpu['bench_percent']:.0f}%,"
-        f" PostgreSQL {cpu['postgres_percent']:.0f}%, other processes {cpu['others_percent']:.0f}%"
+        f" PostgreSQL {cpu['postgres_percent']:.0f}%, other processes {cpu['others_percent']:.0f}%;"
+        f" the API opened {poll['db_connections_opened']} database connections"
     )
     transfer = transfer_phase(args, stack, work)
     log(
