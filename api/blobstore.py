@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import re
 import time
@@ -45,6 +46,7 @@ import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -196,6 +198,10 @@ class BlobWriter(Protocol):
         """Discard what was written; idempotent, and a no-op after commit."""
         ...
 
+    def spooled(self) -> AbstractContextManager[memoryview]:
+        """A read-only view of what was written, before commit (for validation)."""
+        ...
+
     def __enter__(self) -> Self: ...
 
     def __exit__(
@@ -287,6 +293,18 @@ class BlobWriterBase(ABC):
         self._state = "aborted"
         self._discard()
 
+    @contextmanager
+    def spooled(self) -> Iterator[memoryview]:
+        """A read-only view of everything written so far, before commit: the control plane
+        validates an upload here, so a bad one is never stored. Release the view (and
+        anything made from it) before leaving the block."""
+        self._check_open("read back")
+        with self._read_back() as view:
+            yield view
+
+    def _read_back(self) -> AbstractContextManager[memoryview]:
+        raise NotImplementedError(f"{type(self).__name__} cannot read back before commit")
+
     def __enter__(self) -> Self:
         return self
 
@@ -326,7 +344,7 @@ class BlobStore(ABC):
     def writer(self, max_bytes: int | None = None) -> BlobWriter:
         """A writer for one new blob; ``max_bytes`` caps its size (None: no cap)."""
 
-    def put_bytes(self, data: bytes, expected_sha256: str | None = None) -> BlobRef:
+    def put_bytes(self, data: BytesLike, expected_sha256: str | None = None) -> BlobRef:
         """Store ``data`` (verified against ``expected_sha256`` if given); idempotent."""
         if expected_sha256 is not None:
             _check_key(expected_sha256)
@@ -467,6 +485,24 @@ class LocalBlobWriter(BlobWriterBase):
     def _discard(self) -> None:
         self._finalizer.detach()
         _discard_temp(self._fh, self._tmp_path)
+
+    @contextmanager
+    def _read_back(self) -> Iterator[memoryview]:
+        self._fh.flush()
+        if self._size == 0:
+            yield memoryview(b"")
+            return
+        # A read-only map of the temp file: the page cache, not a second copy in the heap.
+        with open(self._tmp_path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(m)
+        try:
+            yield view
+        finally:
+            view.release()
+            # BufferError: a view made from it is still alive; the GC closes the map then.
+            with contextlib.suppress(BufferError):
+                m.close()
 
 
 class LocalBlobStore(BlobStore):

@@ -88,6 +88,9 @@ def api_service(
     argv = [
         sys.executable, "-m", "uvicorn", "--factory", "api.main:app_from_env",
         "--host", host, "--port", str(port), "--log-level", "warning", "--no-access-log",
+        # Longer than clients' keep-alive (httpx: 5 s), so the server never closes a
+        # connection a client is about to reuse.
+        "--timeout-keep-alive", "75",
     ]  # fmt: skip
     return Service("api", argv, service_env(env), log_dir / "api.log")
 

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.blobstore import BlobStore, open_blob_store
-from api.db import make_engine, make_session_factory
+from api.db import WRITE_OPTION, make_engine, make_session_factory
 from api.dispatch import Dispatcher, make_dispatcher
 from api.settings import Settings
 
@@ -48,6 +48,7 @@ class Runtime:
         with self.sessions() as session:
             tx = Transaction(session)
             with session.begin():
+                session.connection(execution_options={WRITE_OPTION: True})
                 yield tx
         for fn in tx._after:
             try:

@@ -38,9 +38,16 @@ class RunWatcher:
     async def wait(self, run_id: int, seen_version: int, timeout: float) -> None:
         """Return when run ``run_id``'s version differs from ``seen_version``, or after
         ``timeout`` seconds."""
-        if self._versions.get(run_id, seen_version) != seen_version:
-            return
-        self._versions.setdefault(run_id, seen_version)
+        known = self._versions.get(run_id)
+        if known is not None and known > seen_version:
+            return  # already changed since the caller looked
+        if known is None or seen_version > known:
+            # The caller saw a newer version than the watcher knows: adopt it, and wake the
+            # waiters that saw the older one.
+            self._versions[run_id] = seen_version
+            if known is not None and run_id in self._events:
+                self._events[run_id].set()
+                self._events[run_id] = asyncio.Event()
         event = self._events.setdefault(run_id, asyncio.Event())
         self._waiters[run_id] = self._waiters.get(run_id, 0) + 1
         try:
@@ -69,7 +76,7 @@ class RunWatcher:
                 log.exception("run watcher could not read run versions")
                 continue
             for rid, version in current.items():
-                if rid in self._versions and self._versions[rid] != version:
+                if rid in self._versions and version > self._versions[rid]:
                     self._versions[rid] = version
                     event = self._events.get(rid)
                     if event is not None:

@@ -644,3 +644,22 @@ def test_open_blob_store_error_hides_credentials() -> None:
         open_blob_store("s3://AKIAEXAMPLE:supersecret@minio:9000/bucket")
     assert "supersecret" not in str(info.value)
     assert "'s3'" in str(info.value)
+
+
+def test_spooled_view_before_commit(tmp_path):
+    from api.blobstore import LocalBlobStore
+
+    store = LocalBlobStore(tmp_path)
+    with store.writer() as w:
+        w.write(b"abc")
+        w.write(bytearray(b"def"))
+        with w.spooled() as view:
+            assert bytes(view) == b"abcdef"
+        ref = w.commit()
+    assert store.read_bytes(ref.sha256) == b"abcdef"
+    with store.writer() as w:
+        with w.spooled() as view:
+            assert bytes(view) == b""
+        w.abort()
+        with pytest.raises(ValueError, match="read back"):
+            w.spooled().__enter__()

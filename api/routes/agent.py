@@ -9,9 +9,8 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.blobstore import BlobTooLarge
-from api.deps import AgentDep, RuntimeDep
-from api.errors import InvalidInput, TooLarge
+from api.deps import AgentDep, RuntimeDep, bearer
+from api.errors import TooLarge
 from api.schemas import (
     MAX_INT,
     AgentRunInfo,
@@ -26,6 +25,9 @@ from api.services import agent as agent_service
 from api.services import clients as client_service
 from api.services import runs as run_service
 from api.services import updates as update_service
+
+#: Bytes gathered on the event loop before one write in the thread pool.
+_WRITE_BATCH = 1 << 20
 
 router = APIRouter(prefix="/api/v1/agent/runs/{run_id}", tags=["agent"])
 Sha = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
@@ -59,22 +61,27 @@ def run_info(run_id: int, ident: AgentDep, rt: RuntimeDep) -> AgentRunInfo:
 async def poll(
     request: Request,
     response: Response,
-    ident: AgentDep,
+    run_id: Annotated[int, Path(ge=1, le=MAX_INT)],
     rt: RuntimeDep,
     have_round: Annotated[int | None, Query(ge=-1, le=MAX_INT)] = None,
     wait: Annotated[float, Query(ge=0.0, le=300.0)] = 0.0,
 ) -> PollResponse:
     """What to do next. ``have_round``: the round whose global state the agent holds (-1 or
     absent: none). ``wait``: hold the request up to this many seconds until there is work
-    (a long poll); a ``wait`` answer carries ``Retry-After``."""
+    (a long poll); a ``wait`` answer carries ``Retry-After``. Needs the client's token."""
     watcher = request.app.state.watcher
     deadline = time.monotonic() + min(wait, rt.settings.poll_max_wait)
-    while True:
-        answer, version = await run_in_threadpool(agent_service.poll_once, rt, ident, have_round)
+    # Authentication and the first look in one trip to the thread pool: polls are the
+    # API's hottest path (hundreds of agents).
+    ident, answer, version = await run_in_threadpool(
+        agent_service.poll, rt, bearer(request), run_id, have_round
+    )
+    while answer.action == "wait":
         remaining = deadline - time.monotonic()
-        if answer.action != "wait" or remaining <= 0:
+        if remaining <= 0:
             break
         await watcher.wait(ident.run_id, version, remaining)
+        answer, version = await run_in_threadpool(agent_service.poll_once, rt, ident, have_round)
     if answer.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(answer.retry_after)))
     return answer
@@ -128,40 +135,39 @@ async def upload(
     pre = await run_in_threadpool(
         update_service.precheck, rt, ident.client_id, number, base_round, x_content_sha256
     )
-    if pre.existing is None:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > pre.size_cap:
-            raise TooLarge(
-                f"update of {declared} bytes exceeds this run's cap of {pre.size_cap} bytes"
-            )
-        buf = bytearray()
-        with rt.blobs.writer(max_bytes=pre.size_cap) as writer:
-            try:
-                async for chunk in request.stream():
-                    writer.write(chunk)
-                    buf += chunk
-            except BlobTooLarge as e:
-                raise TooLarge(f"update exceeds this run's cap of {pre.size_cap} bytes") from e
-            if writer.sha256 != x_content_sha256:
-                raise InvalidInput(
-                    f"X-Content-SHA256 is {x_content_sha256} but the body's SHA-256 is "
-                    f"{writer.sha256} ({writer.size} bytes received)"
-                )
-            await run_in_threadpool(update_service.validate_blob, pre.run, bytes(buf))
-            ref = update_service.write_blob(writer, x_content_sha256)
-        del buf
-        accepted = await run_in_threadpool(
-            update_service.record,
-            rt,
-            ident.client_id,
-            number,
-            base_round,
-            num_samples,
-            ref,
-            train_loss,
+    if pre.existing is not None:
+        return UpdateAcceptedOut(**pre.existing.__dict__)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > pre.size_cap:
+        raise TooLarge(f"update of {declared} bytes exceeds this run's cap of {pre.size_cap} bytes")
+    # The event loop only gathers bytes; writing, hashing, decoding and the fsync run in the
+    # thread pool, so one large upload does not stall every other agent's poll. The body
+    # streams to a temporary file (memory stays bounded) and is validated there before it
+    # is renamed into the store.
+    with rt.blobs.writer(max_bytes=pre.size_cap) as writer:
+        batch = bytearray()
+        async for chunk in request.stream():
+            if writer.size + len(batch) + len(chunk) > pre.size_cap:
+                raise TooLarge(f"update exceeds this run's cap of {pre.size_cap} bytes")
+            batch += chunk
+            if len(batch) >= _WRITE_BATCH:
+                await run_in_threadpool(writer.write, batch)
+                batch = bytearray()
+        if batch:
+            await run_in_threadpool(writer.write, batch)
+        ref = await run_in_threadpool(
+            update_service.validate_and_commit, pre.run, writer, x_content_sha256
         )
-    else:
-        accepted = pre.existing
+    accepted = await run_in_threadpool(
+        update_service.record,
+        rt,
+        ident.client_id,
+        number,
+        base_round,
+        num_samples,
+        ref,
+        train_loss,
+    )
     return UpdateAcceptedOut(**accepted.__dict__)
 
 

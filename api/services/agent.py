@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import Conflict, Forbidden, NotFound
-from api.models import Client, Round, Run, Update
+from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime
 from api.schemas import BlobPublic, PollResponse, RunStatus, SyncPlan
 from api.services import clients as client_service
@@ -27,13 +27,19 @@ class AgentIdentity:
 
 
 def authenticate(rt: Runtime, token: str | None, run_id: int) -> AgentIdentity:
-    """The client behind ``token``, which must belong to run ``run_id``."""
-    with rt.transaction() as tx:
-        client = client_service.authenticate(tx.session, token)
-        if client.run_id != run_id:
-            raise Forbidden(f"this client token belongs to another run, not run {run_id}")
-        client_service.touch(tx.session, client)
-        return AgentIdentity(client.id, client.run_id, client.name)
+    """The client behind ``token``, which must belong to run ``run_id``.
+
+    One narrow read; the last-seen time is written only when it is 5 s old or more, so
+    hundreds of polling agents do not mean hundreds of writes a second."""
+    with rt.sessions() as s:
+        cred = client_service.authenticate(s, token)
+    if cred.run_id != run_id:
+        raise Forbidden(f"this client token belongs to another run, not run {run_id}")
+    now = utcnow()
+    if client_service.needs_touch(cred.last_seen_at, now):
+        with rt.transaction() as tx:
+            client_service.mark_seen(tx.session, cred.client_id, now)
+    return AgentIdentity(cred.client_id, cred.run_id, cred.name)
 
 
 def last_closed(run: Run, current: Round | None) -> int:
@@ -99,19 +105,24 @@ def sync_plan(s: Session, run: Run, from_round: int | None, to_round: int) -> Sy
 def poll_once(
     rt: Runtime, ident: AgentIdentity, have_round: int | None
 ) -> tuple[PollResponse, int]:
-    """The agent's next action, and the run's version (long polls wait for it to change)."""
+    """The agent's next action, and the run's version (long polls wait for it to change).
+
+    Narrow reads only (no config or layout JSON): this runs for every poll of every agent.
+    """
     with rt.sessions() as s:
-        run = s.get(Run, ident.run_id)
-        client = s.get(Client, ident.client_id)
-        assert run is not None
-        assert client is not None
-        version = run.version
+        run = s.execute(
+            select(Run.status, Run.status_reason, Run.version, Run.current_round).where(
+                Run.id == ident.run_id
+            )
+        ).one()
+        client_status = s.scalar(select(Client.status).where(Client.id == ident.client_id))
+        version = int(run.version)
         status = cast(RunStatus, run.status)
-        if client.status == "revoked":
+        if client_status == "revoked":
             return PollResponse(action="stop", run_status=status, reason="client revoked"), version
-        if run.status == "completed":
+        if status == "completed":
             return PollResponse(action="done", run_status="completed"), version
-        if run.status == "cancelled":
+        if status == "cancelled":
             return PollResponse(
                 action="stop", run_status="cancelled", reason=run.status_reason
             ), version
@@ -119,22 +130,28 @@ def poll_once(
             action="wait",
             run_status=status,
             retry_after=RETRY_AFTER,
-            reason=run.status_reason if run.status == "failed" else None,
+            reason=run.status_reason if status == "failed" else None,
         )
-        if run.status != "running":
+        if status != "running" or run.current_round == 0:
             return wait, version
-        rnd = round_service.current_round(s, run)
-        if rnd is None or rnd.status != "open" or client.id not in rnd.expected:
+        rnd = s.execute(
+            select(Round.id, Round.number, Round.status, Round.expected, Round.deadline_at).where(
+                Round.run_id == ident.run_id, Round.number == run.current_round
+            )
+        ).first()
+        if rnd is None or rnd.status != "open" or ident.client_id not in rnd.expected:
             return wait, version
         done = s.scalar(
-            select(Update.id).where(Update.round_id == rnd.id, Update.client_id == client.id)
+            select(Update.id).where(Update.round_id == rnd.id, Update.client_id == ident.client_id)
         )
         if done is not None:
             return wait, version
         plan = None
-        base = rnd.number - 1
+        base = int(rnd.number) - 1
         if have_round is None or have_round != base:
-            plan = sync_plan(s, run, have_round, base)
+            full = s.get(Run, ident.run_id)
+            assert full is not None
+            plan = sync_plan(s, full, have_round, base)
         return (
             PollResponse(
                 action="train",
@@ -146,6 +163,15 @@ def poll_once(
             ),
             version,
         )
+
+
+def poll(
+    rt: Runtime, token: str | None, run_id: int, have_round: int | None
+) -> tuple[AgentIdentity, PollResponse, int]:
+    """Authenticate and poll in one call (one trip to the thread pool per poll)."""
+    ident = authenticate(rt, token, run_id)
+    answer, version = poll_once(rt, ident, have_round)
+    return ident, answer, version
 
 
 def sync_latest(rt: Runtime, ident: AgentIdentity, have_round: int | None) -> SyncPlan:

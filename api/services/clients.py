@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
@@ -51,18 +52,45 @@ def enroll(s: Session, run: Run, name: str, *, simulated: bool = False) -> tuple
     return client, token
 
 
-def authenticate(s: Session, token: str | None) -> Client:
+@dataclass(frozen=True)
+class Credentials:
+    """Who a token belongs to (a narrow read: every agent request pays for it)."""
+
+    client_id: int
+    run_id: int
+    name: str
+    last_seen_at: dt.datetime | None
+
+
+def authenticate(s: Session, token: str | None) -> Credentials:
     """The active client holding ``token``; 401 if unknown, 410 if revoked."""
     if not token:
         raise Unauthorized("missing client token (Authorization: Bearer <token>)")
     digest = hash_token(token)
-    client = s.scalar(select(Client).where(Client.token_hash == digest))
+    row = s.execute(
+        select(
+            Client.id,
+            Client.run_id,
+            Client.name,
+            Client.status,
+            Client.token_hash,
+            Client.last_seen_at,
+        ).where(Client.token_hash == digest)
+    ).first()
     # The lookup is by hash, so its timing says nothing about the token; compare anyway.
-    if client is None or not hmac.compare_digest(client.token_hash, digest):
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise Unauthorized("invalid client token")
-    if client.status == "revoked":
-        raise Gone(f"client {client.name!r} has been revoked")
-    return client
+    if row.status == "revoked":
+        raise Gone(f"client {row.name!r} has been revoked")
+    return Credentials(row.id, row.run_id, row.name, row.last_seen_at)
+
+
+def needs_touch(last_seen: dt.datetime | None, now: dt.datetime) -> bool:
+    return last_seen is None or now - last_seen >= _SEEN_RESOLUTION
+
+
+def mark_seen(s: Session, client_id: int, now: dt.datetime) -> None:
+    s.execute(update(Client).where(Client.id == client_id).values(last_seen_at=now))
 
 
 def get(s: Session, run_id: int, client_id: int) -> Client:
@@ -75,12 +103,6 @@ def get(s: Session, run_id: int, client_id: int) -> Client:
 def revoke(s: Session, client: Client) -> None:
     client.status = "revoked"
     s.flush()
-
-
-def touch(s: Session, client: Client, now: dt.datetime | None = None) -> None:
-    now = now or utcnow()
-    if client.last_seen_at is None or now - client.last_seen_at >= _SEEN_RESOLUTION:
-        client.last_seen_at = now
 
 
 def record_progress(s: Session, client: Client, progress: dict[str, Any]) -> None:

@@ -12,12 +12,13 @@ commit.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.blobstore import BlobHashMismatch, BlobRef, BlobTooLarge, BlobWriter
+from api.blobstore import BlobRef, BlobWriter
 from api.errors import Conflict, Gone, InvalidInput, TooLarge
 from api.models import Client, Round, Run, Update
 from api.runtime import Runtime
@@ -104,7 +105,7 @@ def precheck(rt: Runtime, client_id: int, number: int, base_round: int, sha256: 
         return Precheck(run, rnd.id, upload_size_cap(run), existing)
 
 
-def validate_blob(run: Run, data: bytes) -> None:
+def validate_blob(run: Run, data: bytes | bytearray | memoryview) -> None:
     """Decode ``data`` completely against the run's upload layout; 422 naming the problem."""
     want_vd = value_dtype_of(run)
     try:
@@ -119,15 +120,25 @@ def validate_blob(run: Run, data: bytes) -> None:
         raise InvalidInput(f"invalid update blob: {e}") from e
 
 
-def write_blob(writer: BlobWriter, sha256: str) -> BlobRef:
-    try:
-        return writer.commit(expected_sha256=sha256)
-    except BlobHashMismatch as e:
-        raise InvalidInput(str(e)) from e
+def validate_and_commit(run: Run, writer: BlobWriter, sha256: str) -> BlobRef:
+    """Check the streamed body against its declared SHA-256 and the run's upload layout,
+    then commit it (fsynced and renamed into place: complete before any row names it).
+    On any failure the writer's context discards the temporary file."""
+    if writer.sha256 != sha256:
+        raise InvalidInput(
+            f"X-Content-SHA256 is {sha256} but the body's SHA-256 is {writer.sha256} "
+            f"({writer.size} bytes received)"
+        )
+    with writer.spooled() as view:
+        validate_blob(run, view)
+    return writer.commit(sha256)
 
 
-def too_large(e: BlobTooLarge) -> TooLarge:
-    return TooLarge(str(e))
+def store(rt: Runtime, run: Run, data: bytes, sha256: str) -> BlobRef:
+    """:func:`validate_and_commit` for a body already in memory (simulated clients)."""
+    with rt.blobs.writer() as writer:
+        writer.write(data)
+        return validate_and_commit(run, writer, sha256)
 
 
 def record(
@@ -186,14 +197,11 @@ def submit_bytes(
     train_loss: float | None = None,
 ) -> Accepted:
     """The whole upload path for an in-memory blob (simulated clients use it)."""
-    import hashlib
-
     sha = hashlib.sha256(data).hexdigest()
     pre = precheck(rt, client_id, number, base_round, sha)
     if pre.existing is not None:
         return pre.existing
     if len(data) > pre.size_cap:
         raise TooLarge(f"update of {len(data)} bytes exceeds this run's cap of {pre.size_cap}")
-    validate_blob(pre.run, data)
-    ref = rt.blobs.put_bytes(data, expected_sha256=sha)
+    ref = store(rt, pre.run, data, sha)
     return record(rt, client_id, number, base_round, num_samples, ref, train_loss)
