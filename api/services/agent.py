@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from api.errors import Conflict, Forbidden, NotFound
+from api.errors import Conflict, Forbidden, Gone, NotFound, Unauthorized
 from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime
 from api.schemas import BlobPublic, PollResponse, RunStatus, SyncPlan
@@ -102,76 +103,105 @@ def sync_plan(s: Session, run: Run, from_round: int | None, to_round: int) -> Sy
     )
 
 
+def _poll_row(s: Session, where: Any) -> Any:
+    """Everything a poll needs in one query: the client, its run, the run's current round
+    and whether the client already uploaded to it."""
+    cur = aliased(Round)
+    return s.execute(
+        select(
+            Client.id,
+            Client.run_id,
+            Client.name,
+            Client.status.label("client_status"),
+            Client.token_hash,
+            Client.last_seen_at,
+            Run.status.label("run_status"),
+            Run.status_reason,
+            Run.version,
+            cur.id.label("round_id"),
+            cur.number,
+            cur.status.label("round_status"),
+            cur.expected,
+            cur.deadline_at,
+            Update.id.label("update_id"),
+        )
+        .join(Run, Run.id == Client.run_id)
+        .outerjoin(cur, (cur.run_id == Run.id) & (cur.number == Run.current_round))
+        .outerjoin(Update, (Update.round_id == cur.id) & (Update.client_id == Client.id))
+        .where(where)
+    ).first()
+
+
+def _answer(s: Session, row: Any, have_round: int | None) -> PollResponse:
+    status = cast(RunStatus, row.run_status)
+    if row.client_status == "revoked":
+        return PollResponse(action="stop", run_status=status, reason="client revoked")
+    if status == "completed":
+        return PollResponse(action="done", run_status="completed")
+    if status == "cancelled":
+        return PollResponse(action="stop", run_status="cancelled", reason=row.status_reason)
+    wait = PollResponse(
+        action="wait",
+        run_status=status,
+        retry_after=RETRY_AFTER,
+        reason=row.status_reason if status == "failed" else None,
+    )
+    if (
+        status != "running"
+        or row.round_id is None
+        or row.round_status != "open"
+        or row.id not in row.expected
+        or row.update_id is not None
+    ):
+        return wait
+    base = int(row.number) - 1
+    plan = None
+    if have_round is None or have_round != base:
+        run = s.get(Run, row.run_id)
+        assert run is not None
+        plan = sync_plan(s, run, have_round, base)
+    return PollResponse(
+        action="train",
+        run_status="running",
+        round=row.number,
+        base_round=base,
+        deadline_at=row.deadline_at,
+        sync=plan,
+    )
+
+
 def poll_once(
     rt: Runtime, ident: AgentIdentity, have_round: int | None
 ) -> tuple[PollResponse, int]:
-    """The agent's next action, and the run's version (long polls wait for it to change).
-
-    Narrow reads only (no config or layout JSON): this runs for every poll of every agent.
-    """
+    """The agent's next action, and the run's version (long polls wait for it to change)."""
     with rt.sessions() as s:
-        run = s.execute(
-            select(Run.status, Run.status_reason, Run.version, Run.current_round).where(
-                Run.id == ident.run_id
-            )
-        ).one()
-        client_status = s.scalar(select(Client.status).where(Client.id == ident.client_id))
-        version = int(run.version)
-        status = cast(RunStatus, run.status)
-        if client_status == "revoked":
-            return PollResponse(action="stop", run_status=status, reason="client revoked"), version
-        if status == "completed":
-            return PollResponse(action="done", run_status="completed"), version
-        if status == "cancelled":
-            return PollResponse(
-                action="stop", run_status="cancelled", reason=run.status_reason
-            ), version
-        wait = PollResponse(
-            action="wait",
-            run_status=status,
-            retry_after=RETRY_AFTER,
-            reason=run.status_reason if status == "failed" else None,
-        )
-        if status != "running" or run.current_round == 0:
-            return wait, version
-        rnd = s.execute(
-            select(Round.id, Round.number, Round.status, Round.expected, Round.deadline_at).where(
-                Round.run_id == ident.run_id, Round.number == run.current_round
-            )
-        ).first()
-        if rnd is None or rnd.status != "open" or ident.client_id not in rnd.expected:
-            return wait, version
-        done = s.scalar(
-            select(Update.id).where(Update.round_id == rnd.id, Update.client_id == ident.client_id)
-        )
-        if done is not None:
-            return wait, version
-        plan = None
-        base = int(rnd.number) - 1
-        if have_round is None or have_round != base:
-            full = s.get(Run, ident.run_id)
-            assert full is not None
-            plan = sync_plan(s, full, have_round, base)
-        return (
-            PollResponse(
-                action="train",
-                run_status="running",
-                round=rnd.number,
-                base_round=base,
-                deadline_at=rnd.deadline_at,
-                sync=plan,
-            ),
-            version,
-        )
+        row = _poll_row(s, Client.id == ident.client_id)
+        assert row is not None
+        return _answer(s, row, have_round), int(row.version)
 
 
 def poll(
     rt: Runtime, token: str | None, run_id: int, have_round: int | None
 ) -> tuple[AgentIdentity, PollResponse, int]:
-    """Authenticate and poll in one call (one trip to the thread pool per poll)."""
-    ident = authenticate(rt, token, run_id)
-    answer, version = poll_once(rt, ident, have_round)
-    return ident, answer, version
+    """Authenticate and poll with one query (polls are the API's hottest path: hundreds of
+    agents); the last-seen time is written only when it is 5 s old or more."""
+    if not token:
+        raise Unauthorized("missing client token (Authorization: Bearer <token>)")
+    digest = client_service.hash_token(token)
+    with rt.sessions() as s:
+        row = _poll_row(s, Client.token_hash == digest)
+        if row is None or not hmac.compare_digest(row.token_hash, digest):
+            raise Unauthorized("invalid client token")
+        if row.client_status == "revoked":
+            raise Gone(f"client {row.name!r} has been revoked")
+        if row.run_id != run_id:
+            raise Forbidden(f"this client token belongs to another run, not run {run_id}")
+        answer = _answer(s, row, have_round)
+    now = utcnow()
+    if client_service.needs_touch(row.last_seen_at, now):
+        with rt.transaction() as tx:
+            client_service.mark_seen(tx.session, row.id, now)
+    return AgentIdentity(row.id, row.run_id, row.name), answer, int(row.version)
 
 
 def sync_latest(rt: Runtime, ident: AgentIdentity, have_round: int | None) -> SyncPlan:
