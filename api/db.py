@@ -38,7 +38,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No ping before each checkout (a round trip on every request): a connection that a
+    # database restart broke fails once, SQLAlchemy then discards the whole pool, and the
+    # API answers that request 503 (agents retry 5xx); see api.main.
+    kwargs.setdefault("pool_pre_ping", False)
+    kwargs.setdefault("pool_recycle", 1800)
     # As many pooled connections as the API's worker threads (anyio's default limit is 40):
     # a smaller pool opens and closes overflow connections under load, which costs
     # PostgreSQL a third of a core at 200 polls/s.

@@ -39,6 +39,19 @@ class Runtime:
     sessions: sessionmaker[Session]
     blobs: BlobStore
     dispatcher: Dispatcher
+    #: Sessions for single-statement reads on the hot paths (polls, authentication): on
+    #: PostgreSQL in autocommit, which saves the BEGIN and ROLLBACK round trips around a
+    #: lone SELECT; on SQLite the same as ``sessions``.
+    reads: sessionmaker[Session] | None = None
+
+    def __post_init__(self) -> None:
+        if self.reads is None:
+            if self.engine.dialect.name == "sqlite":
+                self.reads = self.sessions
+            else:
+                self.reads = make_session_factory(
+                    self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                )
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

@@ -411,3 +411,21 @@ def test_failed_aggregation_fails_the_run_and_resume_retries(api: Api):
     assert api.admin("POST", f"/api/v1/runs/{run_id}/resume").status_code == 200
     assert api.run(run_id)["status"] == "completed"
     assert api.rounds(run_id)[0]["attempts"] == 2
+
+
+def test_lost_database_connections_are_503_then_recover(tmp_path, model_cache, pg_database):
+    from tests.conftest import _admin_sql
+
+    with make_api(tmp_path / "data", pg_database, model_cache) as a:
+        a.create_run()
+        name = pg_database.rsplit("/", 1)[1]
+        # What a database restart does to the API's pooled connections.
+        _admin_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        )
+        r = a.admin("GET", "/api/v1/runs")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "unavailable"
+        assert r.headers["Retry-After"] == "2"
+        assert a.admin("GET", "/api/v1/runs").json()["count"] == 1

@@ -32,7 +32,8 @@ def authenticate(rt: Runtime, token: str | None, run_id: int) -> AgentIdentity:
 
     One narrow read; the last-seen time is written only when it is 5 s old or more, so
     hundreds of polling agents do not mean hundreds of writes a second."""
-    with rt.sessions() as s:
+    assert rt.reads is not None
+    with rt.reads() as s:
         cred = client_service.authenticate(s, token)
     if cred.run_id != run_id:
         raise Forbidden(f"this client token belongs to another run, not run {run_id}")
@@ -174,7 +175,8 @@ def poll_once(
     rt: Runtime, ident: AgentIdentity, have_round: int | None
 ) -> tuple[PollResponse, int]:
     """The agent's next action, and the run's version (long polls wait for it to change)."""
-    with rt.sessions() as s:
+    assert rt.reads is not None
+    with rt.reads() as s:
         row = _poll_row(s, Client.id == ident.client_id)
         assert row is not None
         return _answer(s, row, have_round), int(row.version)
@@ -188,7 +190,8 @@ def poll(
     if not token:
         raise Unauthorized("missing client token (Authorization: Bearer <token>)")
     digest = client_service.hash_token(token)
-    with rt.sessions() as s:
+    assert rt.reads is not None
+    with rt.reads() as s:
         row = _poll_row(s, Client.token_hash == digest)
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             raise Unauthorized("invalid client token")
