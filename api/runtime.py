@@ -69,6 +69,17 @@ class Runtime:
             except Exception:
                 log.exception("after-commit action failed; reconciliation will retry it")
 
+    @contextmanager
+    def single_statement(self) -> Iterator[Session]:
+        """A session for one self-contained write statement: autocommit on PostgreSQL (no
+        BEGIN/COMMIT round trips), a normal write transaction on SQLite."""
+        if self.reads is self.sessions or self.reads is None:
+            with self.transaction() as tx:
+                yield tx.session
+            return
+        with self.reads() as session:
+            yield session
+
     def close(self) -> None:
         self.engine.dispose()
 

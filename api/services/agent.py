@@ -30,7 +30,7 @@ class AgentIdentity:
 def authenticate(rt: Runtime, token: str | None, run_id: int) -> AgentIdentity:
     """The client behind ``token``, which must belong to run ``run_id``.
 
-    One narrow read; the last-seen time is written only when it is 5 s old or more, so
+    One narrow read; the last-seen time is written only when it is 10 s old or more, so
     hundreds of polling agents do not mean hundreds of writes a second."""
     assert rt.reads is not None
     with rt.reads() as s:
@@ -39,8 +39,8 @@ def authenticate(rt: Runtime, token: str | None, run_id: int) -> AgentIdentity:
         raise Forbidden(f"this client token belongs to another run, not run {run_id}")
     now = utcnow()
     if client_service.needs_touch(cred.last_seen_at, now):
-        with rt.transaction() as tx:
-            client_service.mark_seen(tx.session, cred.client_id, now)
+        with rt.single_statement() as ws:
+            client_service.mark_seen(ws, cred.client_id, now)
     return AgentIdentity(cred.client_id, cred.run_id, cred.name)
 
 
@@ -186,7 +186,7 @@ def poll(
     rt: Runtime, token: str | None, run_id: int, have_round: int | None
 ) -> tuple[AgentIdentity, PollResponse, int]:
     """Authenticate and poll with one query (polls are the API's hottest path: hundreds of
-    agents); the last-seen time is written only when it is 5 s old or more."""
+    agents); the last-seen time is written only when it is 10 s old or more."""
     if not token:
         raise Unauthorized("missing client token (Authorization: Bearer <token>)")
     digest = client_service.hash_token(token)
@@ -202,8 +202,8 @@ def poll(
         answer = _answer(s, row, have_round)
     now = utcnow()
     if client_service.needs_touch(row.last_seen_at, now):
-        with rt.transaction() as tx:
-            client_service.mark_seen(tx.session, row.id, now)
+        with rt.single_statement() as ws:
+            client_service.mark_seen(ws, row.id, now)
     return AgentIdentity(row.id, row.run_id, row.name), answer, int(row.version)
 
 

@@ -18,8 +18,8 @@ from api.models import Client, Round, Run, utcnow
 
 TOKEN_PREFIX = "fsc_"
 #: last_seen_at is refreshed at most this often, so 200 polling agents do not mean 200
-#: writes a second.
-_SEEN_RESOLUTION = dt.timedelta(seconds=5)
+#: writes a second (liveness timeouts are minutes).
+_SEEN_RESOLUTION = dt.timedelta(seconds=10)
 
 
 def hash_token(token: str) -> str:
