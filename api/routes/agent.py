@@ -57,15 +57,14 @@ def run_info(run_id: int, ident: AgentDep, rt: RuntimeDep) -> AgentRunInfo:
     )
 
 
-@router.get("/poll")
+@router.get("/poll", response_model=None, responses={200: {"model": PollResponse}})
 async def poll(
     request: Request,
-    response: Response,
     run_id: Annotated[int, Path(ge=1, le=MAX_INT)],
     rt: RuntimeDep,
     have_round: Annotated[int | None, Query(ge=-1, le=MAX_INT)] = None,
     wait: Annotated[float, Query(ge=0.0, le=300.0)] = 0.0,
-) -> PollResponse:
+) -> Response:
     """What to do next. ``have_round``: the round whose global state the agent holds (-1 or
     absent: none). ``wait``: hold the request up to this many seconds until there is work
     (a long poll); a ``wait`` answer carries ``Retry-After``. Needs the client's token."""
@@ -82,9 +81,11 @@ async def poll(
             break
         await watcher.wait(ident.run_id, version, remaining)
         answer, version = await run_in_threadpool(agent_service.poll_once, rt, ident, have_round)
+    headers = {}
     if answer.retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(answer.retry_after)))
-    return answer
+        headers["Retry-After"] = str(max(1, round(answer.retry_after)))
+    # Serialised once, here: FastAPI would validate the model again on the way out.
+    return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
 
 
 @router.get("/sync")
