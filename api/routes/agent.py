@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Annotated
 
@@ -25,6 +27,13 @@ from api.services import agent as agent_service
 from api.services import clients as client_service
 from api.services import runs as run_service
 from api.services import updates as update_service
+
+
+class _BlobFile(FileResponse):
+    # Starlette reads files in 64 KiB chunks; blobs are tens to hundreds of MiB, and each
+    # chunk is a trip through the event loop.
+    chunk_size = 4 << 20
+
 
 #: Bytes gathered on the event loop before one write in the thread pool.
 _WRITE_BATCH = 1 << 20
@@ -112,7 +121,7 @@ def download(sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> Response:
     headers = {"X-Content-SHA256": sha256, "Cache-Control": "private, immutable"}
     path = rt.blobs.local_path(sha256)
     if path is not None:
-        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+        return _BlobFile(path, media_type="application/octet-stream", headers=headers)
     return StreamingResponse(
         rt.blobs.iter_chunks(sha256), media_type="application/octet-stream", headers=headers
     )
@@ -146,16 +155,32 @@ async def upload(
     # streams to a temporary file (memory stays bounded) and is validated there before it
     # is renamed into the store.
     with rt.blobs.writer(max_bytes=pre.size_cap) as writer:
-        batch = bytearray()
-        async for chunk in request.stream():
-            if writer.size + len(batch) + len(chunk) > pre.size_cap:
-                raise TooLarge(f"update exceeds this run's cap of {pre.size_cap} bytes")
-            batch += chunk
-            if len(batch) >= _WRITE_BATCH:
+        # One batch is written (and hashed) in a thread while the next arrives: both cores
+        # work. The writer sees the batches in order; a failure waits for the write in
+        # flight before the writer's context discards the file.
+        pending: asyncio.Future[None] | None = None
+        try:
+            batch = bytearray()
+            received = 0
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > pre.size_cap:
+                    raise TooLarge(f"update exceeds this run's cap of {pre.size_cap} bytes")
+                batch += chunk
+                if len(batch) >= _WRITE_BATCH:
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(run_in_threadpool(writer.write, batch))
+                    batch = bytearray()
+            if pending is not None:
+                await pending
+                pending = None
+            if batch:
                 await run_in_threadpool(writer.write, batch)
-                batch = bytearray()
-        if batch:
-            await run_in_threadpool(writer.write, batch)
+        finally:
+            if pending is not None and not pending.done():
+                with contextlib.suppress(Exception):
+                    await pending
         ref = await run_in_threadpool(
             update_service.validate_and_commit, pre.run, writer, x_content_sha256
         )
