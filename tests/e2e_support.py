@@ -18,7 +18,7 @@ from api.blobstore import LocalBlobStore
 from api.launcher import Service, api_service, free_port, wait_ready, wait_worker, worker_service
 from api.migrate import upgrade
 from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
-from fedsrd_core.state import state_digest
+from fedsrd_core.state import GlobalState, state_digest
 from fedsrd_core.strategies import get_strategy
 from tests.api_support import ADMIN, ADMIN_H, small_run
 
@@ -111,6 +111,31 @@ class System:
         there; replaying the global deltas from the initial snapshot reproduces every
         published digest and every snapshot; no temporary file is left behind."""
         check_consistent(self.env["FEDSRD_DATABASE_URL"], self.data_dir, run_id)
+
+
+def server_state(database_url: str, data_dir: Path, run_id: int) -> GlobalState:
+    """The server's global state after the run's newest closed round (from its snapshot)."""
+    from sqlalchemy import select
+
+    from api.db import make_engine, make_session_factory
+    from api.models import Round, Run
+
+    engine = make_engine(database_url or f"sqlite:///{data_dir / 'fedsrd.db'}")
+    try:
+        with make_session_factory(engine)() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            last = s.scalars(
+                select(Round)
+                .where(Round.run_id == run_id, Round.status == "closed")
+                .order_by(Round.number.desc())
+            ).first()
+            assert last is not None and last.snapshot_blob is not None
+            layout = {k: (int(v[0]), int(v[1])) for k, v in run.layout.items()}
+            data = LocalBlobStore(data_dir / "blobs").read_bytes(last.snapshot_blob)
+            return decode_snapshot(data, layout, int(run.config["lora"]["rank"]))
+    finally:
+        engine.dispose()
 
 
 def check_consistent(database_url: str, data_dir: Path, run_id: int) -> None:

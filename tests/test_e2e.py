@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load as safetensors_load
 
 from agent.participant import Participant
 from fedsrd_core.data import generate
 from fedsrd_core.modeling import load_causal_lm
 from fedsrd_core.peft_lora import attach_lora, lora_config, state_to_peft
-from fedsrd_core.snapshot import decode_snapshot
 from tests.api_support import FakeAgent
-from tests.e2e_support import System, system
+from tests.e2e_support import System, server_state, system
 
 pytestmark = pytest.mark.slow
 
@@ -101,10 +101,8 @@ def test_three_http_clients_train_three_rounds(stack: System, tiny_model: Path, 
     out = tmp_path / "adapter"
     zipfile.ZipFile(io.BytesIO(z.content)).extractall(out)
     loaded = PeftModel.from_pretrained(load_causal_lm(str(tiny_model))[0], out)
-    # participants[0].state has the server's digest after the last round (checked above),
-    # so it is the server's global state, factor for factor.
-    state = participants[0].state
-    assert state is not None
+    # The server's global state after the last round, from its own snapshot blob.
+    state = server_state(stack.env["FEDSRD_DATABASE_URL"], stack.data_dir, run_id)
     ref = attach_lora(load_causal_lm(str(tiny_model))[0], lora_config(rank=4))
     state_to_peft(state, ref)
     ids = torch.tensor([[3, 50, 60, 70, 80, 90, 100]])
@@ -195,7 +193,14 @@ def test_simulated_run_on_workers(stack: System):
     rounds = stack.rounds(run_id)
     assert all(len(r["metrics"]["participants"]) == 2 for r in rounds)
     stack.check_consistent(run_id)
-    # The snapshot after the last round decodes to the exported adapter's factors.
+    # The exported adapter holds exactly the server's factors after the last round.
     z = stack.admin("GET", f"/api/v1/runs/{run_id}/adapter")
-    assert z.status_code == 200 and len(z.content) > 0
-    assert decode_snapshot  # imported for the check above; keeps the helper honest
+    assert z.status_code == 200
+    weights = safetensors_load(
+        zipfile.ZipFile(io.BytesIO(z.content)).read("adapter_model.safetensors")
+    )
+    state = server_state(stack.env["FEDSRD_DATABASE_URL"], stack.data_dir, run_id)
+    assert len(weights) == 2 * len(state)
+    for name, f in state.items():
+        assert torch.equal(weights[f"base_model.model.{name}.lora_A.weight"], f.A)
+        assert torch.equal(weights[f"base_model.model.{name}.lora_B.weight"], f.B)
