@@ -655,6 +655,34 @@ def dense_update(layout: dict[str, list[int]], rank: int, seed: int) -> bytes:
     return encode(tensors, value_dtype="fp32")
 
 
+CURL = shutil.which("curl")
+
+
+def curl_download(url: str, token: str, dest: Path) -> float:
+    """curl's own transfer time for a GET into ``dest`` (process start-up excluded)."""
+    out = subprocess.run(
+        [CURL or "curl", "-sS", "--fail-with-body", "-o", str(dest), "-w", "%{time_total}",
+         "-H", f"Authorization: Bearer {token}", url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout)
+
+
+def curl_upload(url: str, token: str, src: Path, sha: str) -> tuple[float, dict]:
+    """curl's own transfer time for a PUT of ``src``, and the JSON answer."""
+    out = subprocess.run(
+        [CURL or "curl", "-sS", "--fail-with-body", "-X", "PUT", "-T", str(src),
+         "-w", "\n%{time_total}", "-H", f"Authorization: Bearer {token}",
+         "-H", f"X-Content-SHA256: {sha}", "-H", "Content-Type: application/octet-stream",
+         "-H", "Expect:", url],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"upload failed: {out.stdout[:500]} {out.stderr[:500]}")
+    body, took = out.stdout.rsplit("\n", 1)
+    return float(took), json.loads(body)
+
+
 def loopback_copy(data: bytes, dest: Path) -> float:
     """Seconds to send ``data`` over a TCP socket on 127.0.0.1 to a thread that writes it to
     ``dest`` (until the receiver has closed the file and acknowledged)."""
@@ -797,17 +825,26 @@ def transfer_phase(args: argparse.Namespace, stack: Stack, work: Path) -> dict[s
 
             prefault(args.prefault_mib)
             dest = scratch / "download.bin"
-            t0 = time.perf_counter()
-            with http.stream(
-                "GET", f"{prefix}/blobs/{snap['sha256']}", headers=auth(tokens[i])
-            ) as r:
-                if r.status_code != 200:
-                    r.read()
-                    check(r, "download")
-                with open(dest, "wb") as fh:
-                    for chunk in r.iter_raw(MIB):
-                        fh.write(chunk)
-            down_s.append(time.perf_counter() - t0)
+            if CURL:
+                # curl (C) as the client, like the baseline's raw socket: this times the
+                # server, not a Python HTTP client's parser.
+                down_s.append(
+                    curl_download(
+                        stack.base_url + f"{prefix}/blobs/{snap['sha256']}", tokens[i], dest
+                    )
+                )
+            else:
+                t0 = time.perf_counter()
+                with http.stream(
+                    "GET", f"{prefix}/blobs/{snap['sha256']}", headers=auth(tokens[i])
+                ) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        check(r, "download")
+                    with open(dest, "wb") as fh:
+                        for chunk in r.iter_raw(MIB):
+                            fh.write(chunk)
+                down_s.append(time.perf_counter() - t0)
             got = hashlib.sha256(dest.read_bytes()).hexdigest()
             if got != snap["sha256"] or dest.stat().st_size != snap["size"]:
                 raise RuntimeError(f"download of {snap['sha256']} arrived as {got}")
@@ -826,17 +863,30 @@ def transfer_phase(args: argparse.Namespace, stack: Stack, work: Path) -> dict[s
             with BackgroundPoller(stack.base_url, prefix + "/poll", tokens[-1]) as poller:
                 time.sleep(0.3)
                 t0 = time.perf_counter()
-                r = http.put(
-                    f"{prefix}/rounds/1/update",
-                    params={"base_round": 0, "num_samples": 1},
-                    content=blob,
-                    headers=headers,
-                )
-                t1 = time.perf_counter()
+                if CURL:
+                    src_file = scratch / "upload.bin"
+                    src_file.write_bytes(blob)
+                    t0 = time.perf_counter()
+                    took, accepted = curl_upload(
+                        stack.base_url + f"{prefix}/rounds/1/update?base_round=0&num_samples=1",
+                        tokens[i],
+                        src_file,
+                        headers["X-Content-SHA256"],
+                    )
+                    t1 = t0 + took
+                    src_file.unlink()
+                else:
+                    r = http.put(
+                        f"{prefix}/rounds/1/update",
+                        params={"base_round": 0, "num_samples": 1},
+                        content=blob,
+                        headers=headers,
+                    )
+                    t1 = time.perf_counter()
+                    accepted = check(r, "upload")
             up_s.append(t1 - t0)
             polls_idle += poller.latencies(0.0, t0 - 0.05)
             polls_upload += poller.latencies(t0, t1)
-            accepted = check(r, "upload")
             if accepted["size"] != len(blob) or accepted["round_complete"]:
                 raise RuntimeError(f"unexpected upload answer {accepted}")
             log(
@@ -864,6 +914,7 @@ def transfer_phase(args: argparse.Namespace, stack: Stack, work: Path) -> dict[s
         + ",".join(f"{k}={v}" for k, v in WIDE_SPEC.items()),
         "lora_rank": rank,
         "repeats": args.repeats,
+        "client": "curl" if CURL else "httpx",
         "prefault_mib": args.prefault_mib,
         "upload_mib_s": upload,
         "download_mib_s": download,

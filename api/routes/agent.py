@@ -116,8 +116,8 @@ def download(sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> Response:
     """A global blob of the run (initial state, global delta or snapshot); never another
     client's update."""
     size = agent_service.check_download(rt, ident, sha256)
-    with rt.transaction() as tx:
-        client_service.add_bytes_down(tx.session, ident.client_id, size)
+    with rt.single_statement() as ws:
+        client_service.add_bytes_down(ws, ident.client_id, size)
     headers = {"X-Content-SHA256": sha256, "Cache-Control": "private, immutable"}
     path = rt.blobs.local_path(sha256)
     if path is not None:

@@ -224,7 +224,8 @@ def sync_latest(rt: Runtime, ident: AgentIdentity, have_round: int | None) -> Sy
 def check_download(rt: Runtime, ident: AgentIdentity, sha256: str) -> int:
     """Authorise a download: only the run's global blobs (initial state, global deltas,
     snapshots), never any client's update. Returns the blob's size."""
-    with rt.sessions() as s:
+    assert rt.reads is not None
+    with rt.reads() as s:
         run = s.get(Run, ident.run_id)
         assert run is not None
         if run.initial_blob == sha256:
