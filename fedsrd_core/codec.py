@@ -34,7 +34,7 @@ import dataclasses
 import math
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
@@ -965,37 +965,76 @@ def decode(
     mv = _as_memoryview(data)
     infos = _parse(mv, max_numel)
     if expected_shapes is not None:
-        names = {i.name for i in infos}
-        missing = [n for n in expected_shapes if n not in names]
-        if missing:
-            raise WireFormatError(f"tensor {missing[0]!r}: expected but missing from the blob")
-        for info in infos:
-            if info.name not in expected_shapes:
-                raise WireFormatError(f"tensor {info.name!r}: unexpected name")
-            want = tuple(expected_shapes[info.name])
-            if info.shape != want:
-                raise WireFormatError(
-                    f"tensor {info.name!r}: shape {info.shape} differs from expected {want}"
-                )
-    out: dict[str, torch.Tensor | SparseTensor] = {}
+        _check_expected(infos, expected_shapes)
+    return {info.name: _decode_entry(mv, info) for info in infos}
+
+
+def _check_expected(infos: list[EntryInfo], expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    names = {i.name for i in infos}
+    missing = [n for n in expected_shapes if n not in names]
+    if missing:
+        raise WireFormatError(f"tensor {missing[0]!r}: expected but missing from the blob")
     for info in infos:
-        a = info.offset
-        b = a + info.position_bytes
-        values = _decode_values(info, mv[b : b + info.value_bytes])
-        if info.kind == "dense":
-            out[info.name] = values.view(info.shape)
-            continue
-        if info.kind == "rice":
-            u = info.rice_unary_bytes or 0
-            pos = _decode_rice(info, mv[a : a + u], mv[a + u : b])
-        elif info.kind == "bitmap":
-            pos = _decode_bitmap(info, mv[a:b])
-        elif info.kind == "index32":
-            pos = _decode_index32(info, mv[a:b])
-        else:
-            pos = _decode_seeded(info)
-        out[info.name] = SparseTensor(info.shape, pos, values)
-    return out
+        if info.name not in expected_shapes:
+            raise WireFormatError(f"tensor {info.name!r}: unexpected name")
+        want = tuple(expected_shapes[info.name])
+        if info.shape != want:
+            raise WireFormatError(
+                f"tensor {info.name!r}: shape {info.shape} differs from expected {want}"
+            )
+
+
+def _decode_entry(mv: memoryview, info: EntryInfo) -> torch.Tensor | SparseTensor:
+    a = info.offset
+    b = a + info.position_bytes
+    values = _decode_values(info, mv[b : b + info.value_bytes])
+    if info.kind == "dense":
+        return values.view(info.shape)
+    if info.kind == "rice":
+        u = info.rice_unary_bytes or 0
+        pos = _decode_rice(info, mv[a : a + u], mv[a + u : b])
+    elif info.kind == "bitmap":
+        pos = _decode_bitmap(info, mv[a:b])
+    elif info.kind == "index32":
+        pos = _decode_index32(info, mv[a:b])
+    else:
+        pos = _decode_seeded(info)
+    return SparseTensor(info.shape, pos, values)
+
+
+class LazyBlob(Mapping[str, "torch.Tensor | SparseTensor"]):
+    """A blob as a read-only mapping whose entries are decoded when accessed, one at a time,
+    and not kept: ``LazyBlob(data)[name] == decode(data)[name]``.
+
+    The headers are parsed and checked (against ``expected_shapes`` too) up front; a
+    malformed section raises :class:`WireFormatError` when its entry is read. The server
+    aggregates module by module through these, so a round holds the coded uploads plus one
+    module's decoded updates per client, not every decoded upload at once. Use it for blobs
+    that :func:`decode` already accepted once (stored uploads); untrusted bytes should be
+    decoded whole first, so that every section is checked before anything is accepted.
+    """
+
+    def __init__(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        max_numel: int = 2**34,
+    ) -> None:
+        self._mv = _as_memoryview(data)
+        infos = _parse(self._mv, max_numel)
+        if expected_shapes is not None:
+            _check_expected(infos, expected_shapes)
+        self._infos = {info.name: info for info in infos}
+
+    def __getitem__(self, name: str) -> torch.Tensor | SparseTensor:
+        return _decode_entry(self._mv, self._infos[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
 
 
 # Keep the Literal aliases and their runtime tables in sync (import-time self-check).

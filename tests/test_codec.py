@@ -213,6 +213,35 @@ def test_round_trip_all_kinds(vd: str, positions: str) -> None:
             assert got.reshape(-1).tolist() == vals
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_lazy_blob_decodes_each_entry_like_decode(positions: str) -> None:
+    tensors: dict[str, torch.Tensor | SparseTensor | SeededSparse] = {
+        "a.lora_A": rand_sparse((96, 8), 0.1, seed=3),
+        "a.lora_B": torch.randn(8, 12),
+        "b.lora_A": rand_seeded((40, 17), 0.3, "b.lora_A"),
+        "b.lora_B": SparseTensor((5, 6), torch.empty(0, dtype=torch.int64), torch.empty(0)),
+    }
+    blob = encode(tensors, positions=positions)  # type: ignore[arg-type]
+    whole = decode(blob)
+    lazy = codec.LazyBlob(blob, expected_shapes={n: tuple(v.shape) for n, v in whole.items()})
+    assert list(lazy) == list(whole)
+    assert len(lazy) == 4
+    for name in reversed(list(whole)):  # any order, any number of times
+        for _ in range(2):
+            got, want = lazy[name], whole[name]
+            if isinstance(want, SparseTensor):
+                assert isinstance(got, SparseTensor)
+                assert torch.equal(got.indices, want.indices)
+                assert torch.equal(got.values, want.values)
+            else:
+                assert torch.equal(got, want)
+    assert lazy.get("missing") is None
+    with pytest.raises(WireFormatError, match="differs from expected"):
+        codec.LazyBlob(blob, expected_shapes={**{n: (1, 1) for n in whole}})
+    with pytest.raises(WireFormatError, match="missing"):
+        codec.LazyBlob(blob, expected_shapes={"other": (1,)})
+
+
 def test_empty_blob_round_trip() -> None:
     blob = encode({})
     assert blob == b"FSRD\x01\x00\x01\x00\x00\x00\x00\x00"
