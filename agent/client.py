@@ -65,13 +65,20 @@ class AgentClient:
     def prefix(self) -> str:
         return f"/api/v1/agent/runs/{self.run_id}"
 
+    def whoami(self) -> dict[str, Any]:
+        """``{client_id, run_id, name}`` of this token (sets ``run_id``)."""
+        result: dict[str, Any] = self._request("GET", "/api/v1/agent/me").json()
+        self.run_id = int(result["run_id"])
+        return result
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {**self.headers, **kwargs.pop("headers", {})}
         start = time.monotonic()
         attempt = 0
         while True:
             try:
-                r = self.http.request(method, self.prefix + path, headers=headers, **kwargs)
+                url = path if path.startswith("/api/") else self.prefix + path
+                r = self.http.request(method, url, headers=headers, **kwargs)
             except httpx.TransportError as e:
                 failure: str = f"{type(e).__name__}: {e}"
             else:

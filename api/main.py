@@ -177,6 +177,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     app.include_router(health.router)
     app.include_router(runs.router)
+    app.include_router(agent.me_router)
     app.include_router(agent.router)
     return app
 

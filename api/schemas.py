@@ -246,6 +246,12 @@ class SyncPlan(BaseModel):
     bytes: int
 
 
+class AgentMe(BaseModel):
+    client_id: int
+    run_id: int
+    name: str
+
+
 class AgentRunInfo(BaseModel):
     """What an agent needs to take part: the base model, adapter, strategy and training."""
 

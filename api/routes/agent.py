@@ -15,6 +15,7 @@ from api.deps import AgentDep, RuntimeDep, bearer
 from api.errors import TooLarge
 from api.schemas import (
     MAX_INT,
+    AgentMe,
     AgentRunInfo,
     HeartbeatIn,
     LoraSettings,
@@ -39,6 +40,17 @@ class _BlobFile(FileResponse):
 _WRITE_BATCH = 1 << 20
 
 router = APIRouter(prefix="/api/v1/agent/runs/{run_id}", tags=["agent"])
+me_router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
+
+
+@me_router.get("/me")
+def whoami(request: Request, rt: RuntimeDep) -> AgentMe:
+    """Which client (and run) a token belongs to: an agent started with only a server URL
+    and a token finds its run here."""
+    ident = agent_service.identify(rt, bearer(request))
+    return AgentMe(client_id=ident.client_id, run_id=ident.run_id, name=ident.name)
+
+
 Sha = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 
 

@@ -27,6 +27,14 @@ class AgentIdentity:
     name: str
 
 
+def identify(rt: Runtime, token: str | None) -> AgentIdentity:
+    """The client behind ``token``, whatever its run."""
+    assert rt.reads is not None
+    with rt.reads() as s:
+        cred = client_service.authenticate(s, token)
+    return AgentIdentity(cred.client_id, cred.run_id, cred.name)
+
+
 def authenticate(rt: Runtime, token: str | None, run_id: int) -> AgentIdentity:
     """The client behind ``token``, which must belong to run ``run_id``.
 

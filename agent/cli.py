@@ -1,0 +1,366 @@
+"""``fedsrd-agent``: take part in a federation from a client site.
+
+    fedsrd-agent --server URL --token TOKEN --data PATH [--model PATH_OR_ID]
+                 [--state-dir DIR] [--device cuda|cpu]
+
+Every option can also come from the environment (``FEDSRD_AGENT_SERVER``, ...) or a config
+file (``--config agent.toml`` or ``.json``, keys named like the options); flags win over the
+environment, which wins over the file. The agent checks its base model against the run's
+fingerprint and its data file before anything else, then polls for rounds, keeps the global
+state in sync (checking every digest), trains, and uploads sparse updates: never data or
+prompts. It keeps its state in the state directory, so a killed agent restarts where it was
+and re-sends an upload the server had not acknowledged. Exit status: 0 when the run
+completes; 3 when it is cancelled or this client is revoked; 1 for anything else, with one
+line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.client import AgentClient, RetryBudgetExceededError, ServerError
+from agent.state import Pending, StateDir
+
+log = logging.getLogger("fedsrd-agent")
+ENV_PREFIX = "FEDSRD_AGENT_"
+
+
+class AgentError(Exception):
+    """A condition that ends the agent with one line and ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("server", {"help": "the control plane's URL, e.g. https://fedsrd.example.org"}),
+    ("token", {"help": "this site's client token (given once at enrollment)"}),
+    ("data", {"help": "local training data: JSONL (instruction/input/output) or plain text"}),
+    ("model", {"help": "base model: local directory or cached hub id (default: the run's)"}),
+    ("state-dir", {"default": "fedsrd-agent-state", "help": "where the agent keeps its state"}),
+    ("device", {"choices": ["cuda", "cpu"], "help": "training device (default: cuda if any)"}),
+    ("model-cache", {"default": "var/models", "help": "where the project's tiny model is built"}),
+    ("poll-wait", {"type": float, "default": 30.0, "help": "long-poll seconds"}),
+    (
+        "startup-timeout",
+        {"type": float, "default": 30.0, "help": "give up if the server is unreachable at start"},
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedsrd-agent",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="TOML or JSON file with any of these options")
+    for name, kw in OPTIONS:
+        p.add_argument(f"--{name}", **kw)
+    p.add_argument("--log-json", action="store_true", help="structured logs (JSON lines)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    defaults: dict[str, Any] = {}
+    if first.config:
+        path = Path(first.config)
+        try:
+            text = path.read_text()
+            loaded = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as e:
+            raise AgentError(f"cannot read config file {path}: {e}") from e
+        defaults.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    for name, _ in OPTIONS:
+        env = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+        if env is not None:
+            defaults[name.replace("-", "_")] = env
+    if os.environ.get(ENV_PREFIX + "LOG_JSON"):
+        defaults["log_json"] = True
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for required in ("server", "token", "data"):
+        if not getattr(args, required):
+            raise AgentError(
+                f"--{required} is required (or {ENV_PREFIX}{required.upper()}, or the config file)"
+            )
+    args.poll_wait = float(args.poll_wait)
+    args.startup_timeout = float(args.startup_timeout)
+    return args
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": round(record.created, 3), "level": record.levelname.lower()}
+        doc["message"] = record.getMessage()
+        doc.update(getattr(record, "fields", {}))
+        return json.dumps(doc)
+
+
+def setup_logging(json_lines: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def event(message: str, **fields: Any) -> None:
+    log.info(message, extra={"fields": {"event": message.split(":")[0], **fields}})
+
+
+def _connect(args: argparse.Namespace) -> tuple[AgentClient, dict[str, Any]]:
+    http = httpx.Client(base_url=args.server.rstrip("/"), timeout=60.0)
+    client = AgentClient(http, args.token, 0, retry_for=args.startup_timeout)
+    try:
+        me = client.whoami()
+    except RetryBudgetExceededError as e:
+        raise AgentError(
+            f"cannot reach a FedSRD server at {args.server} "
+            f"(tried for {args.startup_timeout:.0f} s): {e}"
+        ) from e
+    except ServerError as e:
+        if e.status == 401:
+            raise AgentError(f"the server refused the token: {e.detail}") from e
+        if e.status == 410:
+            raise AgentError(f"this client was revoked: {e.detail}", 3) from e
+        raise AgentError(f"{args.server} is not a FedSRD server ({e})") from e
+    # From here on, a server that goes away is waited for, never given up on.
+    client.retry_for = None
+    return client, client.run_info()
+
+
+def _load_data(path: str) -> list[Any]:
+    from fedsrd_core.data import DataError, load_examples
+
+    try:
+        examples = load_examples(path)
+    except DataError as e:  # names the file (and the line)
+        raise AgentError(f"cannot use data file: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgentError(f"cannot use data file {path}: {e}") from e
+    if not examples:
+        raise AgentError(f"data file {path} holds no examples")
+    return examples
+
+
+def _load_model(args: argparse.Namespace, info: dict[str, Any]) -> tuple[Any, Any]:
+    from fedsrd_core.modeling import ModelLoadError, load_causal_lm, model_fingerprint
+
+    name = args.model or info["base_model"]
+    if name == "tiny":
+        from fedsrd_core.tiny_assets import tiny_model_path
+
+        name = str(tiny_model_path(args.model_cache))
+    try:
+        model, tokenizer = load_causal_lm(name, device=args.device)
+    except ModelLoadError as e:
+        raise AgentError(f"cannot load the base model: {e}") from e
+    fingerprint = model_fingerprint(model)
+    if fingerprint != info["model_fingerprint"]:
+        raise AgentError(
+            f"model mismatch: {name} has fingerprint {fingerprint[:16]}..., the run trains "
+            f"{info['base_model']} ({info['model_fingerprint'][:16]}...)"
+        )
+    return model, tokenizer
+
+
+class _Progress:
+    """A progress bar on a terminal, a log line per step otherwise; heartbeats to the
+    server at most every 2 s (and at the last step) so it knows training is alive."""
+
+    def __init__(self, client: AgentClient, number: int, steps: int, bar: bool) -> None:
+        self.client, self.number, self.steps = client, number, steps
+        self.t0 = time.monotonic()
+        self.last_beat = 0.0
+        self.samples = 0
+        self.bar: Any = None
+        if bar:
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            self.bar = tqdm(total=steps, desc=f"round {number}", unit="step", leave=False)
+
+    def __call__(self, step: int, loss: float, samples: int) -> None:
+        self.samples = samples
+        now = time.monotonic()
+        rate = samples / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.1f}")
+        else:
+            event("step", round=self.number, step=step, steps=self.steps, loss=loss)
+        if now - self.last_beat >= 2.0 or step == self.steps:
+            self.last_beat = now
+            self.client.heartbeat(
+                self.number, step, steps=self.steps, loss=loss, samples_per_second=rate
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _on_step(progress: _Progress, per_step: int, step: int, loss: float) -> None:
+    progress(step, loss, step * per_step)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    client, info = _connect(args)
+    examples = _load_data(args.data)
+    model, tokenizer = _load_model(args, info)
+    # The first line an agent prints: every setup check has passed by now.
+    event(
+        "connected",
+        run=info["run_id"],
+        client=info["client_name"],
+        examples=len(examples),
+        model=args.model or info["base_model"],
+    )
+
+    import torch
+
+    from agent.participant import DigestMismatchError, Participant
+    from fedsrd_core.codec import encode
+    from fedsrd_core.state import state_digest
+    from fedsrd_core.strategies import RoundContext
+    from fedsrd_core.training import local_round
+
+    part = Participant(client, model, tokenizer, examples, info)
+    store = StateDir(args.state_dir)
+    st, factors = store.load(info["run_id"], info["client_id"], part.layout, part.rank)
+    part.state, part.have_round = factors, st.have_round
+
+    def save(with_factors: bool) -> None:
+        st.have_round = part.have_round
+        st.digest = state_digest(part.state) if part.state is not None else None
+        store.save(st, part.state if with_factors else None)
+
+    if st.pending is not None:
+        blob = store.pending_blob()
+        p = st.pending
+        if blob is not None:
+            try:
+                client.upload(
+                    p.round, p.base_round, blob, num_samples=p.num_samples, train_loss=p.train_loss
+                )
+                st.rounds_trained.append(p.round)
+                event("re-sent unacknowledged upload", round=p.round)
+            except ServerError as e:
+                if e.status not in (409, 410):
+                    raise
+                event("dropped unacknowledged upload", round=p.round, reason=str(e.detail))
+        st.pending = None
+        save(False)
+
+    bar = sys.stderr.isatty() and not args.log_json
+    while True:
+        answer = client.poll(part.have_round if part.state is not None else None, args.poll_wait)
+        action = answer["action"]
+        if action == "done":
+            plan = client.sync(part.have_round if part.state is not None else None)
+            if plan["snapshot"] is not None or plan["deltas"]:
+                part.sync(plan)
+                save(True)
+            event("run completed", round=part.have_round, digest=st.digest)
+            return 0
+        if action == "stop":
+            raise AgentError(f"the run stopped: {answer.get('reason') or answer['run_status']}", 3)
+        if action != "train":
+            continue
+        number, base = int(answer["round"]), int(answer["base_round"])
+        if answer.get("sync"):
+            try:
+                part.sync(answer["sync"])
+            except DigestMismatchError as e:
+                event("state mismatch, reloading a snapshot", detail=str(e))
+                part.state, part.have_round = None, -1
+                save(False)
+                continue
+            save(True)
+        assert part.state is not None
+        event("training", round=number, steps=part.train.steps)
+        progress = _Progress(client, number, part.train.steps, bar)
+        samples_per_step = part.train.batch_size * part.train.grad_accum
+        try:
+            trained, stats = local_round(
+                part.peft,
+                tokenizer,
+                examples,
+                part.state,
+                part.train,
+                trainable=part.strategy.trainable_factors(),
+                proximal_mu=part.strategy.proximal_mu(),
+                seed=int(info["seed"]) * 1_000_003 + number * 1009 + int(info["client_id"]),
+                on_step=functools.partial(_on_step, progress, samples_per_step),
+            )
+        finally:
+            progress.close()
+        ctx = RoundContext(round=number, seed=int(info["seed"]), value_dtype=info["value_dtype"])
+        with torch.no_grad():
+            upload = part.strategy.client_upload(
+                part.state, trained, ctx, client_seed=number * 1009 + int(info["client_id"])
+            )
+        blob = encode(upload, value_dtype=info["value_dtype"])
+        # Saved before it is sent: a kill from here on re-sends this blob, never retrains.
+        st.pending = Pending(
+            number, base, len(examples), stats.mean_loss, hashlib.sha256(blob).hexdigest()
+        )
+        store.save_pending(blob)
+        save(False)
+        try:
+            client.upload(number, base, blob, num_samples=len(examples), train_loss=stats.mean_loss)
+        except ServerError as e:
+            if e.status != 409:
+                raise
+            event("upload not taken", round=number, reason=str(e.detail))
+        else:
+            st.rounds_trained.append(number)
+            event("uploaded", round=number, bytes=len(blob), loss=stats.mean_loss)
+        st.pending = None
+        save(False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Quiet libraries: errors end in one line, and logs are the agent's own.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        args = parse_args(argv)
+        setup_logging(args.log_json)
+        return run_agent(args)
+    except AgentError as e:
+        print(f"fedsrd-agent: {e}", file=sys.stderr)
+        return e.code
+    except ServerError as e:
+        code = 3 if e.status == 410 else 1
+        print(f"fedsrd-agent: the server refused a request: {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("fedsrd-agent: interrupted; the state directory keeps its progress", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

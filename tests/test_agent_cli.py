@@ -1,0 +1,180 @@
+"""``fedsrd-agent`` as a real process against real servers: bad setups end in one clear line
+and a non-zero exit; four agents finish a run through an agent kill and an API outage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from api.launcher import free_port
+from fedsrd_core.data import generate, save_jsonl
+from fedsrd_core.modeling import TinyModelSpec, build_tiny_model
+from tests.e2e_support import System, system
+
+pytestmark = pytest.mark.slow
+
+DOMAINS = ("arithmetic", "code", "facts", "rewrite")
+
+
+def agent_argv(s: System, token: str, data: Path, state: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "agent.cli", "--server", s.url, "--token", token,
+        "--data", str(data), "--state-dir", str(state), "--device", "cpu",
+        "--model-cache", s.env["FEDSRD_MODEL_CACHE"], "--poll-wait", "5", *extra,
+    ]  # fmt: skip
+
+
+def run_agent(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert p.returncode != 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr  # one clear line, nothing else
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def embedded(tmp_path, model_cache):
+    with system(tmp_path, "", "filesystem://", model_cache) as s:
+        yield s
+
+
+def test_bad_setups_end_in_one_line(embedded: System, tmp_path: Path):
+    s = embedded
+    run_id = s.create_run(rounds=1)["id"]
+    token = s.enroll(run_id, "site")
+    data = tmp_path / "data.jsonl"
+    save_jsonl(generate("arithmetic", 8, seed=0), data)
+    state = tmp_path / "state"
+
+    p = run_agent(agent_argv(s, "fsc_not-a-token", data, state))
+    one_line_error(p, "refused the token", "invalid client token")
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    argv = agent_argv(s, token, data, state, "--startup-timeout", "1")
+    argv[argv.index(s.url)] = dead
+    one_line_error(run_agent(argv), "cannot reach a FedSRD server", dead)
+
+    other = build_tiny_model(tmp_path / "other-model", TinyModelSpec(seed=123))
+    p = run_agent(agent_argv(s, token, data, state, "--model", str(other)))
+    one_line_error(p, "model mismatch", "fingerprint")
+
+    one_line_error(
+        run_agent(agent_argv(s, token, tmp_path / "missing.jsonl", state)),
+        "cannot use data file",
+        "missing.jsonl",
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    one_line_error(run_agent(agent_argv(s, token, bad, state)), "bad.jsonl:2", "invalid JSON")
+
+    p = run_agent([sys.executable, "-m", "agent.cli", "--token", token, "--data", str(data)])
+    one_line_error(p, "--server is required")
+
+    help_text = run_agent([sys.executable, "-m", "agent.cli", "--help"]).stdout
+    for option in ("--server", "--token", "--data", "--model", "--state-dir", "--device",
+                   "--config", "--log-json", "--poll-wait", "--startup-timeout"):  # fmt: skip
+        assert option in help_text
+
+
+def test_config_file_and_environment(embedded: System, tmp_path: Path):
+    """Options from a TOML file, the token from the environment; the run completes."""
+    s = embedded
+    s.start_worker()
+    run_id = s.create_run(rounds=1, train={"steps": 2, "batch_size": 2})["id"]
+    s.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    token = s.enroll(run_id, "site")
+    data = tmp_path / "data.jsonl"
+    save_jsonl(generate("code", 8, seed=1), data)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'server = "{s.url}"\ndata = "{data}"\nstate-dir = "{tmp_path / "st"}"\n'
+        f'model-cache = "{s.env["FEDSRD_MODEL_CACHE"]}"\ndevice = "cpu"\n'
+    )
+    env = {**os.environ, "FEDSRD_AGENT_TOKEN": token, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(cfg), "--log-json"],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(ln)["event"] for ln in p.stderr.splitlines() if ln.startswith("{")]
+    assert events[0] == "connected" and events[-1] == "run completed"
+    assert "step" in events and "uploaded" in events
+
+
+def _wait_for(log: Path, needle: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and needle in log.read_text():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{needle!r} not in {log}:\n{log.read_text() if log.exists() else ''}")
+
+
+def test_four_agents_survive_a_kill_and_an_api_outage(
+    tmp_path, model_cache, pg_database, redis_server
+):
+    import redis
+
+    broker = f"{redis_server}/12"
+    redis.Redis.from_url(broker).flushdb()
+    with system(tmp_path, pg_database, broker, model_cache) as s:
+        s.start_worker()
+        run_id = s.create_run(rounds=3, train={"steps": 12, "batch_size": 2}, round_deadline_s=600)[
+            "id"
+        ]
+        procs: dict[int, subprocess.Popen[str]] = {}
+        argvs: dict[int, list[str]] = {}
+        logs: dict[int, Path] = {}
+        for i, domain in enumerate(DOMAINS):
+            data = tmp_path / f"{domain}.jsonl"
+            save_jsonl(generate(domain, 16, seed=i), data)
+            argvs[i] = agent_argv(
+                s, s.enroll(run_id, f"site-{i}"), data, tmp_path / f"state-{i}", "--log-json"
+            )
+            logs[i] = tmp_path / f"agent-{i}.log"
+        s.admin("POST", f"/api/v1/runs/{run_id}/launch")
+
+        def start(i: int) -> None:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            fh = open(logs[i], "a")  # noqa: SIM115 - the process owns it
+            procs[i] = subprocess.Popen(argvs[i], stderr=fh, stdout=fh, text=True, env=env)
+
+        for i in range(4):
+            start(i)
+        # SIGKILL agent 0 in the middle of round 2's local training, then restart it.
+        _wait_for(logs[0], '"event": "training", "round": 2')
+        _wait_for(logs[0], '"event": "step", "round": 2, "step": 2')
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        start(0)
+        # Stop the API for 20 s while round 3 is under way: the agents wait and go on.
+        s.wait_round(run_id, 2, "closed", timeout=300)
+        s.api.kill()
+        time.sleep(20)
+        s.restart_api()
+        for i in range(4):
+            assert procs[i].wait(timeout=600) == 0, logs[i].read_text()[-3000:]
+        run = s.wait_run(run_id, timeout=60)
+        rounds = s.rounds(run_id)
+        assert run["status"] == "completed"
+        assert all(len(r["metrics"]["participants"]) == 4 for r in rounds)
+        for i in range(4):
+            st = json.loads((tmp_path / f"state-{i}" / "state.json").read_text())
+            assert st["have_round"] == 3
+            assert st["digest"] == rounds[-1]["digest"]
+            assert st["pending"] is None
+        assert "connected" in logs[0].read_text().split('"step", "round": 2, "step": 2')[-1]
+        s.check_consistent(run_id)
