@@ -176,5 +176,49 @@ def test_four_agents_survive_a_kill_and_an_api_outage(
             assert st["have_round"] == 3
             assert st["digest"] == rounds[-1]["digest"]
             assert st["pending"] is None
-        assert "connected" in logs[0].read_text().split('"step", "round": 2, "step": 2')[-1]
+        # Agent 0 ran twice: it trained round 2 again after the kill (no upload had been
+        # made), and uploaded it once.
+        log0 = logs[0].read_text()
+        assert log0.count('"event": "connected"') == 2
+        assert log0.count('"event": "training", "round": 2') == 2
+        assert log0.count('"event": "uploaded", "round": 2') == 1
         s.check_consistent(run_id)
+
+
+def test_restart_resends_an_unacknowledged_upload_instead_of_training(
+    embedded: System, tmp_path: Path
+):
+    """A kill after the upload was saved, sent and taken, but before the agent saw the
+    answer: the restarted agent re-sends it (idempotent) and never trains that round again."""
+    from agent.state import AgentState, Pending, StateDir
+    from fedsrd_core.state import state_digest
+    from tests.api_support import FakeAgent, sha
+
+    s = embedded
+    s.start_worker()
+    run_id = s.create_run(rounds=1)["id"]
+    token = s.enroll(run_id, "site")
+    s.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    fake = FakeAgent(s.agent(run_id, token))
+    fake.apply(fake.poll()["sync"])
+    blob = fake.make_update(1)
+    accepted = fake.agent.upload(1, 0, blob, num_samples=8)  # taken by the server
+    state = tmp_path / "state"
+    store = StateDir(state)
+    st = AgentState(run_id, fake.info["client_id"], have_round=0)
+    st.digest = state_digest(fake.state)
+    st.pending = Pending(1, 0, 8, None, sha(blob))
+    store.save_pending(blob)
+    store.save(st, fake.state)
+    data = tmp_path / "data.jsonl"
+    save_jsonl(generate("arithmetic", 8, seed=0), data)
+    p = run_agent(agent_argv(s, token, data, state, "--log-json"), timeout=180)
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith("{")]
+    names = [e["event"] for e in events]
+    assert "re-sent unacknowledged upload" in names
+    assert "training" not in names
+    assert names[-1] == "run completed"
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["pending"] is None and saved["rounds_trained"] == [1]
+    assert s.rounds(run_id)[0]["uploaded"] == [accepted["client_id"]]
