@@ -24,8 +24,8 @@ import logging
 import os
 import sys
 import time
-import warnings
 import tomllib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
