@@ -133,7 +133,7 @@ def _connect(args: argparse.Namespace) -> tuple[AgentClient, dict[str, Any]]:
     http = httpx.Client(base_url=args.server.rstrip("/"), timeout=60.0)
     client = AgentClient(http, args.token, 0, retry_for=args.startup_timeout)
     try:
-        me = client.whoami()
+        client.whoami()  # learns the run of this token (sets client.run_id)
     except RetryBudgetExceededError as e:
         raise AgentError(
             f"cannot reach a FedSRD server at {args.server} "
