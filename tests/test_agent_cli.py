@@ -222,3 +222,24 @@ def test_restart_resends_an_unacknowledged_upload_instead_of_training(
     saved = json.loads((state / "state.json").read_text())
     assert saved["pending"] is None and saved["rounds_trained"] == [1]
     assert s.rounds(run_id)[0]["uploaded"] == [accepted["client_id"]]
+
+
+def test_cancelled_run_ends_the_agent_with_status_3(embedded: System, tmp_path: Path):
+    s = embedded
+    s.start_worker()
+    run_id = s.create_run(rounds=2, train={"steps": 1, "batch_size": 2})["id"]
+    token = s.enroll(run_id, "site")
+    s.enroll(run_id, "absent")  # never shows up: round 1 stays open
+    s.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    data = tmp_path / "data.jsonl"
+    save_jsonl(generate("facts", 8, seed=0), data)
+    log = tmp_path / "agent.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            agent_argv(s, token, data, tmp_path / "st", "--log-json"), stderr=fh, text=True
+        )
+        _wait_for(log, '"event": "uploaded", "round": 1')
+        s.admin("POST", f"/api/v1/runs/{run_id}/cancel")
+        assert proc.wait(timeout=60) == 3
+    last = log.read_text().strip().splitlines()[-1]
+    assert last == "fedsrd-agent: the run stopped: cancelled by an admin"

@@ -428,3 +428,49 @@ def test_lost_database_connections_are_503_then_recover(tmp_path, model_cache, p
         assert r.json()["error"] == "unavailable"
         assert r.headers["Retry-After"] == "2"
         assert a.admin("GET", "/api/v1/runs").json()["count"] == 1
+
+
+def test_participant_drops_a_state_whose_digest_differs(api: Api, tiny_model: Path):
+    """A delta that does not lead to the published digest: the agent discards its copy and
+    the next poll brings a snapshot."""
+    from agent.participant import DigestMismatchError, Participant
+    from fedsrd_core.data import generate
+
+    created, agents = _three_clients(api, rounds=3)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    for a in agents:
+        a.play_round()  # round 1 closes; round 2 opens
+    client = agents[0].agent
+    model, tok = load_causal_lm(str(tiny_model))
+    p = Participant(client, model, tok, generate("code", 4, seed=0), agents[0].info)
+    layout = {k: (int(v[0]), int(v[1])) for k, v in agents[0].info["layout"].items()}
+
+    def at_round_0() -> None:
+        p.state = decode_snapshot(client.download(_initial_sha(api, run_id)), layout, 4)
+        p.have_round = 0
+
+    plan = client.sync(0)
+    assert [d["round"] for d in plan["deltas"]] == [1]
+    at_round_0()
+    p.sync(plan)  # the genuine delta reaches the published digest
+    assert p.have_round == 1
+    at_round_0()
+    tampered = {**plan, "deltas": [{**plan["deltas"][0], "digest": "0" * 64}]}
+    with pytest.raises(DigestMismatchError):
+        p.sync(tampered)
+    assert p.state is None
+    assert p.have_round == -1
+    # What the agent does next: poll holding nothing, and get a snapshot.
+    answer = client.poll(None)
+    assert answer["action"] == "train"
+    assert answer["sync"]["snapshot"]["round"] == 1
+
+
+def _initial_sha(api: Api, run_id: int) -> str:
+    from api.models import Run
+
+    with api.rt.sessions() as s:
+        run = s.get(Run, run_id)
+        assert run is not None and run.initial_blob is not None
+        return run.initial_blob
