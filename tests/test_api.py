@@ -474,3 +474,39 @@ def _initial_sha(api: Api, run_id: int) -> str:
         run = s.get(Run, run_id)
         assert run is not None and run.initial_blob is not None
         return run.initial_blob
+
+
+def test_resume_after_the_failed_round_closed_anyway_goes_on(api: Api):
+    import workers.jobs as jobs
+
+    created, agents = _three_clients(api, rounds=2)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    first = agents[0].play_round()
+    kept = api.rt.blobs.read_bytes(first["sha256"])
+    api.rt.blobs.delete(first["sha256"])
+    agents[1].play_round()
+    agents[2].play_round()  # aggregation fails: the run fails, round 1 stays aggregating
+    assert api.run(run_id)["status"] == "failed"
+    # A redelivered copy of the task succeeds later: round 1 closes, the run stays failed.
+    api.rt.blobs.put_bytes(kept)
+    jobs.aggregate_round(api.rt, _round_id(api, run_id, 1))
+    assert api.rounds(run_id)[0]["status"] == "closed"
+    assert api.run(run_id)["current_round"] == 1
+    # Resuming goes on with round 2 instead of stalling on a closed round.
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/resume").status_code == 200
+    assert api.run(run_id)["current_round"] == 2
+    for a in agents:
+        a.play_round()
+    assert api.run(run_id)["status"] == "completed"
+
+
+def _round_id(api: Api, run_id: int, number: int) -> int:
+    from sqlalchemy import select
+
+    from api.models import Round
+
+    with api.rt.sessions() as s:
+        rid = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.number == number))
+        assert rid is not None
+        return rid

@@ -188,6 +188,14 @@ def _resend(tx: Any, rt: Runtime, run: Run) -> None:
     elif rnd.status == "open":
         round_service.train_simulated(tx, rt, run, rnd)
         round_service.maybe_close(tx, rt, run, rnd)
+    elif rnd.status == "closed":
+        # The round finished while the run was failed (a retried aggregation): go on.
+        if rnd.number < run.total_rounds:
+            round_service.open_round(tx, rt, run, rnd.number + 1)
+        else:
+            run.status = "completed"
+            run.finished_at = utcnow()
+            run.version = run.version + 1
 
 
 def rounds_of(rt: Runtime, run_id: int) -> tuple[Run, list[tuple[Round, list[int]]]]:
