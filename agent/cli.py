@@ -237,13 +237,8 @@ def run_agent(args: argparse.Namespace) -> int:
         model=args.model or info["base_model"],
     )
 
-    import torch
-
     from agent.participant import DigestMismatchError, Participant
-    from fedsrd_core.codec import encode
     from fedsrd_core.state import state_digest
-    from fedsrd_core.strategies import RoundContext
-    from fedsrd_core.training import local_round
 
     part = Participant(client, model, tokenizer, examples, info)
     store = StateDir(args.state_dir)
@@ -302,40 +297,24 @@ def run_agent(args: argparse.Namespace) -> int:
         progress = _Progress(client, number, part.train.steps, bar)
         samples_per_step = part.train.batch_size * part.train.grad_accum
         try:
-            trained, stats = local_round(
-                part.peft,
-                tokenizer,
-                examples,
-                part.state,
-                part.train,
-                trainable=part.strategy.trainable_factors(),
-                proximal_mu=part.strategy.proximal_mu(),
-                seed=int(info["seed"]) * 1_000_003 + number * 1009 + int(info["client_id"]),
-                on_step=functools.partial(_on_step, progress, samples_per_step),
+            blob, loss = part.train_round(
+                number, on_step=functools.partial(_on_step, progress, samples_per_step)
             )
         finally:
             progress.close()
-        ctx = RoundContext(round=number, seed=int(info["seed"]), value_dtype=info["value_dtype"])
-        with torch.no_grad():
-            upload = part.strategy.client_upload(
-                part.state, trained, ctx, client_seed=number * 1009 + int(info["client_id"])
-            )
-        blob = encode(upload, value_dtype=info["value_dtype"])
         # Saved before it is sent: a kill from here on re-sends this blob, never retrains.
-        st.pending = Pending(
-            number, base, len(examples), stats.mean_loss, hashlib.sha256(blob).hexdigest()
-        )
+        st.pending = Pending(number, base, len(examples), loss, hashlib.sha256(blob).hexdigest())
         store.save_pending(blob)
         save(False)
         try:
-            client.upload(number, base, blob, num_samples=len(examples), train_loss=stats.mean_loss)
+            client.upload(number, base, blob, num_samples=len(examples), train_loss=loss)
         except ServerError as e:
             if e.status != 409:
                 raise
             event("upload not taken", round=number, reason=str(e.detail))
         else:
             st.rounds_trained.append(number)
-            event("uploaded", round=number, bytes=len(blob), loss=stats.mean_loss)
+            event("uploaded", round=number, bytes=len(blob), loss=loss)
         st.pending = None
         save(False)
 

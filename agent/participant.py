@@ -8,7 +8,7 @@ did, and every step is checked against the digest the server published.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from fedsrd_core.peft_lora import attach_lora, lora_config
 from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
 from fedsrd_core.state import GlobalState, state_digest
 from fedsrd_core.strategies import RoundContext, Strategy, get_strategy
-from fedsrd_core.training import TrainConfig, local_round
+from fedsrd_core.training import TrainConfig, client_seeds, local_round
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,20 @@ class Participant:
         number, base = int(answer["round"]), int(answer["base_round"])
         assert self.state is not None
         assert self.have_round == base
-        ctx = RoundContext(
-            round=number, seed=int(self.info["seed"]), value_dtype=self.info["value_dtype"]
-        )
-        client_id = int(self.info["client_id"])
+        blob, loss = self.train_round(number)
+        self.client.heartbeat(number, self.train.steps, steps=self.train.steps, loss=loss)
+        self.client.upload(number, base, blob, num_samples=len(self.data), train_loss=loss)
+        self.rounds_trained.append(number)
+        return "trained"
 
-        def progress(step: int, loss: float) -> None:
-            self.client.heartbeat(number, step, steps=self.train.steps, loss=loss)
-
+    def train_round(
+        self, number: int, on_step: Callable[[int, float], None] | None = None
+    ) -> tuple[bytes, float]:
+        """Train round ``number`` from the current global state and return the encoded
+        upload and the mean training loss (the same local round simulated clients run)."""
+        assert self.state is not None
+        run_seed, client_id = int(self.info["seed"]), int(self.info["client_id"])
+        train_seed, upload_seed = client_seeds(run_seed, number, client_id)
         trained, stats = local_round(
             self.peft,
             self.tokenizer,
@@ -114,19 +120,13 @@ class Participant:
             self.train,
             trainable=self.strategy.trainable_factors(),
             proximal_mu=self.strategy.proximal_mu(),
-            seed=int(self.info["seed"]) * 1_000_003 + number * 1009 + client_id,
+            seed=train_seed,
+            on_step=on_step,
         )
-        progress(self.train.steps, stats.mean_loss)
+        ctx = RoundContext(round=number, seed=run_seed, value_dtype=self.info["value_dtype"])
         with torch.no_grad():
-            upload = self.strategy.client_upload(
-                self.state, trained, ctx, client_seed=number * 1009 + client_id
-            )
-        blob = encode(upload, value_dtype=self.info["value_dtype"])
-        self.client.upload(
-            number, base, blob, num_samples=len(self.data), train_loss=stats.mean_loss
-        )
-        self.rounds_trained.append(number)
-        return "trained"
+            upload = self.strategy.client_upload(self.state, trained, ctx, client_seed=upload_seed)
+        return encode(upload, value_dtype=self.info["value_dtype"]), stats.mean_loss
 
     def run(self, wait: float = 5.0, max_steps: int = 10_000) -> str:
         """Take part until the run is done or stopped; returns the final action."""

@@ -29,6 +29,7 @@ from fedsrd_core.state import init_state, state_digest
 from fedsrd_core.strategies import RoundContext, Upload, get_strategy
 from fedsrd_core.training import (
     TrainConfig,
+    client_seeds,
     evaluate_loss,
     exact_match_accuracy,
     local_round,
@@ -201,13 +202,15 @@ def simulate(
                 config.train,
                 trainable=strategy.trainable_factors(),
                 proximal_mu=strategy.proximal_mu(),
-                seed=config.seed * 1_000_003 + t * 1009 + c,
+                seed=client_seeds(config.seed, t, c)[0],
             )
             secs["local_training"] += stats.seconds
             losses[c] = stats.mean_loss
             t0 = time.perf_counter()
             blob = encode(
-                strategy.client_upload(server, trained, ctx, client_seed=t * 1009 + c),
+                strategy.client_upload(
+                    server, trained, ctx, client_seed=client_seeds(config.seed, t, c)[1]
+                ),
                 value_dtype=config.value_dtype,
             )
             secs["sparsify_encode"] += time.perf_counter() - t0

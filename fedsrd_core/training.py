@@ -125,6 +125,13 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(pad)
 
 
+def client_seeds(run_seed: int, round: int, client: int) -> tuple[int, int]:
+    """``(training seed, upload seed)`` of client ``client`` in round ``round`` of a run:
+    the one rule that simulations, workers and agents share, so a client's round is
+    reproducible wherever it runs."""
+    return run_seed * 1_000_003 + round * 1009 + client, round * 1009 + client
+
+
 def local_round(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,

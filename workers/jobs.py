@@ -30,12 +30,12 @@ from api.services.states import (
     upload_shapes,
     value_dtype_of,
 )
-from fedsrd_core.codec import LazyBlob, WireFormatError, encode
+from fedsrd_core.codec import LazyBlob, encode
 from fedsrd_core.data import Example, generate, partition_dirichlet, partition_iid
 from fedsrd_core.snapshot import decode_global_delta, encode_snapshot
 from fedsrd_core.state import state_digest
 from fedsrd_core.strategies import RoundContext, Upload
-from fedsrd_core.training import TrainConfig, evaluate_loss, local_round
+from fedsrd_core.training import TrainConfig, client_seeds, evaluate_loss, local_round
 
 log = logging.getLogger(__name__)
 _model_lock = threading.Lock()
@@ -70,11 +70,7 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
             s.scalars(select(Update).where(Update.round_id == rnd.id).order_by(Update.client_id))
         )
         number = rnd.number
-        try:
-            state = load_state(rt, run, number - 1)
-        except (LookupError, WireFormatError) as e:
-            round_service.fail_aggregation(rt, round_id, f"cannot load the global state: {e}")
-            return
+        state = load_state(rt, run, number - 1)  # a failure fails the run (aggregate_round)
         strategy = strategy_of(run)
         shapes = upload_shapes(run)
         vd = value_dtype_of(run)
@@ -207,11 +203,13 @@ def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
             train,
             trainable=strategy.trainable_factors(),
             proximal_mu=strategy.proximal_mu(),
-            seed=seed * 1_000_003 + number * 1009 + index,
+            seed=client_seeds(seed, number, index)[0],
         )
     ctx = RoundContext(round=number, seed=seed, value_dtype=vd)
     blob = encode(
-        strategy.client_upload(start, trained, ctx, client_seed=number * 1009 + index),
+        strategy.client_upload(
+            start, trained, ctx, client_seed=client_seeds(seed, number, index)[1]
+        ),
         value_dtype=vd,
     )
     try:

@@ -57,7 +57,7 @@ Sha = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]
 @router.get("")
 def run_info(run_id: int, ident: AgentDep, rt: RuntimeDep) -> AgentRunInfo:
     """The run as an agent needs it: model identity, adapter, strategy, local training."""
-    run = run_service.agent_run(rt, run_id)
+    run = run_service.get(rt, run_id)
     cfg = run.config
     return AgentRunInfo(
         run_id=run.id,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from api.errors import Conflict, Forbidden, Gone, NotFound, Unauthorized
+from api.errors import Conflict, Forbidden, NotFound, Unauthorized
 from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime
 from api.schemas import BlobPublic, PollResponse, RunStatus, SyncPlan
@@ -204,10 +203,7 @@ def poll(
     assert rt.reads is not None
     with rt.reads() as s:
         row = _poll_row(s, Client.token_hash == digest)
-        if row is None or not hmac.compare_digest(row.token_hash, digest):
-            raise Unauthorized("invalid client token")
-        if row.client_status == "revoked":
-            raise Gone(f"client {row.name!r} has been revoked")
+        client_service.check_credentials(row, digest)
         if row.run_id != run_id:
             raise Forbidden(f"this client token belongs to another run, not run {run_id}")
         answer = _answer(s, row, have_round)

@@ -72,17 +72,24 @@ def authenticate(s: Session, token: str | None) -> Credentials:
             Client.id,
             Client.run_id,
             Client.name,
-            Client.status,
+            Client.status.label("client_status"),
             Client.token_hash,
             Client.last_seen_at,
         ).where(Client.token_hash == digest)
     ).first()
+    check_credentials(row, digest)
+    assert row is not None
+    return Credentials(row.id, row.run_id, row.name, row.last_seen_at)
+
+
+def check_credentials(row: Any, digest: str) -> None:
+    """Refuse a token lookup ``row`` (with ``token_hash``, ``client_status`` and ``name``;
+    None if no client has the token): 401 unknown, 410 revoked."""
     # The lookup is by hash, so its timing says nothing about the token; compare anyway.
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise Unauthorized("invalid client token")
-    if row.status == "revoked":
+    if row.client_status == "revoked":
         raise Gone(f"client {row.name!r} has been revoked")
-    return Credentials(row.id, row.run_id, row.name, row.last_seen_at)
 
 
 def needs_touch(last_seen: dt.datetime | None, now: dt.datetime) -> bool:

@@ -242,7 +242,3 @@ def list_clients(rt: Runtime, run_id: int) -> tuple[Run, Round | None, list[Clie
             raise NotFound(f"run {run_id} not found")
         rows = s.scalars(select(Client).where(Client.run_id == run_id).order_by(Client.id))
         return run, round_service.current_round(s, run), list(rows)
-
-
-def agent_run(rt: Runtime, run_id: int) -> Run:
-    return get(rt, run_id)
