@@ -30,6 +30,45 @@ class DigestMismatchError(Exception):
     pass
 
 
+def apply_plan(
+    client: AgentClient,
+    strategy: Strategy,
+    layout: dict[str, tuple[int, int]],
+    rank: int,
+    state: GlobalState | None,
+    have_round: int,
+    plan: dict[str, Any],
+    digests: dict[int, str] | None = None,
+) -> tuple[GlobalState | None, int]:
+    """Reach the plan's round: load its snapshot (if any), then apply its deltas in order,
+    each exactly as the server applied it, and check every published digest.
+
+    Returns the new ``(state, round)`` (``state`` is changed in place by the deltas; records
+    each digest in ``digests``). Raises :class:`DigestMismatchError` when a blob does not
+    lead to its digest or a delta does not follow the state; the state is then unusable.
+    """
+    snap = plan.get("snapshot")
+    if snap is not None:
+        state = decode_snapshot(client.download(snap["sha256"]), layout, rank)
+        if state_digest(state) != snap["digest"]:
+            raise DigestMismatchError(f"snapshot of round {snap['round']}")
+        have_round = int(snap["round"])
+        if digests is not None:
+            digests[have_round] = snap["digest"]
+    for d in plan.get("deltas", []):
+        if state is None or int(d["round"]) != have_round + 1:
+            raise DigestMismatchError(f"delta of round {d['round']} does not follow our state")
+        strategy.apply_global(
+            state, decode_global_delta(client.download(d["sha256"]), layout, rank)
+        )
+        have_round = int(d["round"])
+        if state_digest(state) != d["digest"]:
+            raise DigestMismatchError(f"state after round {d['round']}")
+        if digests is not None:
+            digests[have_round] = d["digest"]
+    return state, have_round
+
+
 @dataclass
 class Participant:
     client: AgentClient
@@ -62,25 +101,22 @@ class Participant:
         )
 
     def sync(self, plan: dict[str, Any]) -> None:
-        """Apply a sync plan: snapshot, then deltas, each checked against its digest."""
-        snap = plan.get("snapshot")
-        if snap is not None:
-            state = decode_snapshot(self.client.download(snap["sha256"]), self.layout, self.rank)
-            if state_digest(state) != snap["digest"]:
-                raise DigestMismatchError(f"snapshot of round {snap['round']}")
-            self.state, self.have_round = state, int(snap["round"])
-            self.digests[self.have_round] = snap["digest"]
-        for d in plan.get("deltas", []):
-            if self.state is None or int(d["round"]) != self.have_round + 1:
-                raise DigestMismatchError(f"delta of round {d['round']} does not follow our state")
-            delta = decode_global_delta(self.client.download(d["sha256"]), self.layout, self.rank)
-            self.strategy.apply_global(self.state, delta)
-            self.have_round = int(d["round"])
-            if state_digest(self.state) != d["digest"]:
-                # Our copy is wrong: drop it; the next poll brings a snapshot.
-                self.state, self.have_round = None, -1
-                raise DigestMismatchError(f"state after round {d['round']}")
-            self.digests[self.have_round] = d["digest"]
+        """Apply a sync plan (see :func:`apply_plan`); on a mismatch the state is dropped,
+        so the next poll brings a snapshot."""
+        try:
+            self.state, self.have_round = apply_plan(
+                self.client,
+                self.strategy,
+                self.layout,
+                self.rank,
+                self.state,
+                self.have_round,
+                plan,
+                self.digests,
+            )
+        except DigestMismatchError:
+            self.state, self.have_round = None, -1
+            raise
 
     def step(self, wait: float = 5.0) -> str:
         """Poll once and act on the answer; returns the action."""

@@ -13,13 +13,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from agent.client import AgentClient
+from agent.participant import apply_plan
 from api.main import create_app
 from api.migrate import upgrade
 from api.runtime import Runtime, make_runtime
 from api.settings import Settings
 from fedsrd_core.codec import encode
-from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
-from fedsrd_core.state import GlobalState, LoraFactors, state_digest
+from fedsrd_core.state import GlobalState, LoraFactors
 from fedsrd_core.strategies import RoundContext, get_strategy
 
 ADMIN = "admin-token-for-tests-0123456789"
@@ -107,21 +107,10 @@ class FakeAgent:
         self.gen = torch.Generator().manual_seed(seed)
 
     def apply(self, plan: dict[str, Any]) -> None:
-        if plan.get("snapshot"):
-            snap = plan["snapshot"]
-            self.state = decode_snapshot(
-                self.agent.download(snap["sha256"]), self.layout, self.rank
-            )
-            assert state_digest(self.state) == snap["digest"]
-            self.have_round = snap["round"]
-        for d in plan.get("deltas", []):
-            assert self.state is not None
-            delta = decode_global_delta(self.agent.download(d["sha256"]), self.layout, self.rank)
-            self.strategy.apply_global(self.state, delta)
-            self.have_round = d["round"]
-            assert state_digest(self.state) == d["digest"], (
-                f"digest differs after round {d['round']}"
-            )
+        """Reach the plan's state exactly as an agent does (digests checked)."""
+        self.state, self.have_round = apply_plan(
+            self.agent, self.strategy, self.layout, self.rank, self.state, self.have_round, plan
+        )
 
     def poll(self, wait: float = 0.0) -> dict[str, Any]:
         return self.agent.poll(self.have_round if self.state is not None else None, wait)
