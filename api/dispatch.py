@@ -74,7 +74,6 @@ class InlineDispatcher(Dispatcher):
         self._lock = threading.Lock()
         self._draining = threading.local()
         self._rt: Runtime | None = None
-        self.sent: list[tuple[str, tuple[int, ...]]] = []
 
     def bind(self, rt: Runtime) -> None:
         self._rt = rt
@@ -82,7 +81,6 @@ class InlineDispatcher(Dispatcher):
     def send(self, task: str, *args: int) -> None:
         with self._lock:
             self._queue.append((task, args))
-            self.sent.append((task, args))
         if getattr(self._draining, "on", False):
             return
         self._draining.on = True

@@ -32,7 +32,5 @@ def reconcile(rt: Runtime) -> int:
                 tx.after_commit(lambda rid=rid: rt.dispatcher.aggregate(rid))  # type: ignore[misc]
                 sent += 1
             elif rnd.status == "open":
-                before = len(tx._after)
-                round_service.train_simulated(tx, rt, run, rnd)
-                sent += len(tx._after) - before
+                sent += round_service.train_simulated(tx, rt, run, rnd)
     return sent

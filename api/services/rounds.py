@@ -88,19 +88,22 @@ def open_round(tx: Transaction, rt: Runtime, run: Run, number: int) -> Round:
     return rnd
 
 
-def train_simulated(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> None:
+def train_simulated(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> int:
+    """Queue (after commit) the training of every simulated client of ``rnd`` that has not
+    uploaded; returns how many."""
     if not run.config.get("simulation"):
-        return
+        return 0
     s = tx.session
     uploaded = set(s.scalars(select(Update.client_id).where(Update.round_id == rnd.id)))
     sim = set(
         s.scalars(select(Client.id).where(Client.run_id == run.id, Client.simulated.is_(True)))
     )
-    for cid in rnd.expected:
-        if cid in sim and cid not in uploaded:
-            tx.after_commit(
-                lambda c=cid: rt.dispatcher.train(run.id, c, rnd.number)  # type: ignore[misc]
-            )
+    todo = [cid for cid in rnd.expected if cid in sim and cid not in uploaded]
+    for cid in todo:
+        tx.after_commit(
+            lambda c=cid: rt.dispatcher.train(run.id, c, rnd.number)  # type: ignore[misc]
+        )
+    return len(todo)
 
 
 def uploaded_clients(s: Session, rnd: Round) -> list[int]:
