@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     #: Fault injection for the crash tests: aggregation pauses this long after it has
     #: started, so a test can kill the worker mid-task. Always 0 in real deployments.
     fault_aggregate_delay_s: float = Field(default=0.0, ge=0.0, le=600.0)
+    #: Lifetime of a dashboard sign-in (seconds). Sessions are signed with a key derived
+    #: from the admin token: changing the token signs every browser out.
+    session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
 
     @model_validator(mode="after")
     def _secrets_outside_development(self) -> Settings:
