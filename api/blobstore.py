@@ -2,10 +2,13 @@
 
 The control plane keeps its rows in SQL and its large payloads (sparse LoRA updates uploaded by
 clients, global deltas, state snapshots; up to a few hundred MiB) here. One interface,
-:class:`BlobStore`, with a local-directory implementation, :class:`LocalBlobStore`; an
-S3-compatible one comes later and must pass the same contract tests
-(``tests/test_blobstore.py``). This module is stdlib only and knows nothing of HTTP; its
-:class:`BlobError` subclasses carry messages meant to reach the client as 4xx details.
+:class:`BlobStore`, with two implementations that pass the same contract tests
+(``tests/test_blobstore.py``): a local directory, :class:`LocalBlobStore` (here), for one
+machine or a shared filesystem, and an S3-compatible bucket, ``S3BlobStore``
+(:mod:`api.blobstore_s3`), for API and workers on several machines. :func:`open_blob_store`
+picks one from a URL. This module is stdlib only (boto3 is imported only for an ``s3://``
+URL) and knows nothing of HTTP; its :class:`BlobError` subclasses carry messages meant to
+reach the client as 4xx details.
 
 Invariants every implementation keeps, and every caller relies on:
 
@@ -15,8 +18,9 @@ Invariants every implementation keeps, and every caller relies on:
   names exactly one content, forever: storing the same bytes twice is a no-op that returns
   the same :class:`BlobRef`, and a stored blob is never rewritten in place.
 * **Complete before referenced.** A blob becomes visible under its key only once it is
-  complete and durable (written to a temp file, fsynced, atomically renamed, directory
-  fsynced). Callers must ``commit`` the blob *before* the database transaction that inserts
+  complete and durable (locally: written to a temp file, fsynced, atomically renamed,
+  directory fsynced; in S3: one PutObject or CompleteMultipartUpload, which S3 makes visible
+  atomically). Callers must ``commit`` the blob *before* the database transaction that inserts
   the row naming it commits, so a row never points at a missing or partial blob. The reverse
   failure (blob committed, transaction rolled back) only leaves an orphan blob, which is
   harmless and removed by garbage collection.
@@ -29,8 +33,10 @@ Invariants every implementation keeps, and every caller relies on:
 * **Keys are validated.** Every method taking a key rejects anything but 64 lowercase hex
   characters with :class:`InvalidBlobKey`, which also rules out path traversal.
 * **No debris.** A writer that is aborted, exceeds its size limit, fails its hash check or
-  leaves its ``with`` block uncommitted (exception included) removes its temp data at once.
-  Only a crashed process leaves temp files behind; :meth:`BlobStore.cleanup_temp` sweeps them.
+  leaves its ``with`` block uncommitted (exception included) removes its temp data at once
+  (an S3 store also aborts a multipart upload that failed). Only a crashed process leaves
+  temp data behind (temp files; for S3, also unfinished multipart uploads);
+  :meth:`BlobStore.cleanup_temp` sweeps them.
 """
 
 from __future__ import annotations
@@ -66,8 +72,10 @@ __all__ = [
     "InvalidBlobKey",
     "LocalBlobStore",
     "LocalBlobWriter",
+    "TempFileWriter",
     "is_sha256_hex",
     "open_blob_store",
+    "sweep_temp_dir",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -369,15 +377,35 @@ class BlobStore(ABC):
         with self.open(sha) as fh:
             return fh.read()
 
-    def iter_chunks(self, sha: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
-        """The blob's content as chunks of ``chunk_size`` bytes (the last may be shorter).
+    def iter_chunks(
+        self,
+        sha: str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[bytes]:
+        """The blob's bytes ``[start:stop]`` as chunks of ``chunk_size`` bytes (the last may be
+        shorter). The range works like a slice clipped to the blob (``stop`` None: to the
+        end); the web layer serves HTTP ``Range`` requests with it.
 
         Validation and the lookup happen at the call, not at the first ``next``: a missing
         blob raises :class:`BlobNotFound` here, before a streaming response has started.
         """
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        return _read_chunks(self.open(sha), chunk_size)
+        if start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"invalid byte range: start={start}, stop={stop}")
+        limit = None if stop is None else stop - start
+        return _read_chunks(self._open_range(sha, start, stop), chunk_size, limit)
+
+    def _open_range(self, sha: str, start: int, stop: int | None) -> IO[bytes]:
+        """The blob opened and positioned at ``start`` (clipped); stores that can fetch a
+        range (S3) override this. Reading past ``stop`` is the caller's business."""
+        fh = self.open(sha)
+        if start:
+            fh.seek(start)
+        return fh
 
     @abstractmethod
     def delete(self, sha: str) -> None:
@@ -402,9 +430,14 @@ class BlobStore(ABC):
         """
 
 
-def _read_chunks(fh: IO[bytes], chunk_size: int) -> Iterator[bytes]:
+def _read_chunks(fh: IO[bytes], chunk_size: int, limit: int | None = None) -> Iterator[bytes]:
     with fh:
-        while chunk := fh.read(chunk_size):
+        while limit is None or limit > 0:
+            chunk = fh.read(chunk_size if limit is None else min(chunk_size, limit))
+            if not chunk:
+                return
+            if limit is not None:
+                limit -= len(chunk)
             yield chunk
 
 
@@ -440,13 +473,18 @@ def _discard_temp(fh: IO[bytes], path: str) -> None:
         _remove_quietly(path)
 
 
-class LocalBlobWriter(BlobWriterBase):
-    """Writes into a unique temp file under ``root/tmp``, renamed into place on commit."""
+class TempFileWriter(BlobWriterBase):
+    """Writes into a unique temp file in ``tmp_dir``; subclasses publish it on commit.
 
-    def __init__(self, store: LocalBlobStore, max_bytes: int | None = None) -> None:
+    Shared by the local store (which renames the file into place) and the S3 store (which
+    spools an upload here while hashing it, since the key is known only at the end, then
+    uploads the file). The temp file is removed on abort, on a failed commit, and by a
+    finalizer if the writer is dropped without either.
+    """
+
+    def __init__(self, tmp_dir: Path, max_bytes: int | None = None) -> None:
         super().__init__(max_bytes)
-        self._store = store
-        self._tmp_path = str(store.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part")
+        self._tmp_path = str(tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         flags |= getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self._tmp_path, flags, 0o644)
@@ -464,23 +502,12 @@ class LocalBlobWriter(BlobWriterBase):
     def _write_raw(self, chunk: BytesLike) -> None:
         self._fh.write(chunk)
 
-    def _publish(self, ref: BlobRef) -> None:
-        dest = self._store._blob_path(ref.sha256)
-        try:
-            if dest.stat().st_size == ref.size:
-                self._discard()  # already stored: blobs are immutable, keep the existing one
-                return
-        except FileNotFoundError:
-            pass
+    def _close_temp(self, fsync: bool) -> None:
+        """Flush (and fsync) the temp file and close it; it stays on disk until discarded."""
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if fsync:
+            os.fsync(self._fh.fileno())
         self._fh.close()
-        created = self._store._make_shard_dirs(dest.parent)
-        os.replace(self._tmp_path, dest)
-        self._finalizer.detach()
-        _fsync_dir(dest.parent)
-        for d in created:  # new shard dirs: make their entries in the parents durable too
-            _fsync_dir(d.parent)
 
     def _discard(self) -> None:
         self._finalizer.detach()
@@ -503,6 +530,50 @@ class LocalBlobWriter(BlobWriterBase):
             # BufferError: a view made from it is still alive; the GC closes the map then.
             with contextlib.suppress(BufferError):
                 m.close()
+
+
+def sweep_temp_dir(directory: Path, older_than_seconds: float) -> int:
+    """Remove the files in ``directory`` last written more than that long ago; how many."""
+    if older_than_seconds < 0:
+        raise ValueError(f"older_than_seconds must be >= 0, got {older_than_seconds}")
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:  # committed, aborted or swept meanwhile
+                continue
+            removed += 1
+    return removed
+
+
+class LocalBlobWriter(TempFileWriter):
+    """Writes into a unique temp file under ``root/tmp``, renamed into place on commit."""
+
+    def __init__(self, store: LocalBlobStore, max_bytes: int | None = None) -> None:
+        super().__init__(store.tmp_dir, max_bytes)
+        self._store = store
+
+    def _publish(self, ref: BlobRef) -> None:
+        dest = self._store._blob_path(ref.sha256)
+        try:
+            if dest.stat().st_size == ref.size:
+                self._discard()  # already stored: blobs are immutable, keep the existing one
+                return
+        except FileNotFoundError:
+            pass
+        self._close_temp(fsync=True)
+        created = self._store._make_shard_dirs(dest.parent)
+        os.replace(self._tmp_path, dest)
+        self._finalizer.detach()
+        _fsync_dir(dest.parent)
+        for d in created:  # new shard dirs: make their entries in the parents durable too
+            _fsync_dir(d.parent)
 
 
 class LocalBlobStore(BlobStore):
@@ -578,22 +649,7 @@ class LocalBlobStore(BlobStore):
         return path
 
     def cleanup_temp(self, older_than_seconds: float = 3600) -> int:
-        if older_than_seconds < 0:
-            raise ValueError(f"older_than_seconds must be >= 0, got {older_than_seconds}")
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        with os.scandir(self.tmp_dir) as entries:
-            for entry in entries:
-                try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                    os.unlink(entry.path)
-                except FileNotFoundError:  # committed, aborted or swept meanwhile
-                    continue
-                removed += 1
-        return removed
+        return sweep_temp_dir(self.tmp_dir, older_than_seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,14 +657,29 @@ class LocalBlobStore(BlobStore):
 # --------------------------------------------------------------------------------------------
 
 
-def open_blob_store(url: str) -> BlobStore:
-    """The store a URL names: ``file:///abs/path`` or a plain path -> :class:`LocalBlobStore`.
+def open_blob_store(
+    url: str,
+    *,
+    spool_dir: str | Path | None = None,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+) -> BlobStore:
+    """The store a URL names.
+
+    * ``file:///abs/path`` or a plain path: :class:`LocalBlobStore` there.
+    * ``s3://bucket`` or ``s3://bucket/prefix``: ``S3BlobStore`` (:mod:`api.blobstore_s3`),
+      with ``s3_endpoint_url`` for an S3-compatible server (MinIO, Ceph, R2, ...) and
+      ``s3_region``; credentials come from boto3's own chain (``AWS_ACCESS_KEY_ID`` /
+      ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, an instance role), never from the URL.
+      Uploads are spooled in ``spool_dir`` (default: the system's temp directory).
 
     Any other scheme raises ``ValueError`` (the message names the scheme, never the rest of
     the URL, which may hold credentials).
     """
     if not url:
-        raise ValueError("unsupported blob store URL '': expected file:///abs/path or a path")
+        raise ValueError(
+            "unsupported blob store URL '': expected file:///abs/path, a path or s3://bucket"
+        )
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "" or (len(scheme) == 1 and os.name == "nt"):  # plain path (or C:\...)
@@ -620,6 +691,13 @@ def open_blob_store(url: str) -> BlobStore:
                 "(no host, absolute path)"
             )
         return LocalBlobStore(Path(unquote(parts.path)))
+    if scheme == "s3":
+        from api.blobstore_s3 import S3BlobStore  # boto3 only where S3 is used
+
+        return S3BlobStore.from_url(
+            url, endpoint_url=s3_endpoint_url, region=s3_region, spool_dir=spool_dir
+        )
     raise ValueError(
-        f"unsupported blob store URL scheme {scheme!r}: expected file:///abs/path or a path"
+        f"unsupported blob store URL scheme {scheme!r}: expected file:///abs/path, a path "
+        "or s3://bucket/prefix"
     )

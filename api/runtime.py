@@ -91,7 +91,12 @@ def make_runtime(settings: Settings, dispatcher: Dispatcher | None = None) -> Ru
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
-        blobs=open_blob_store(settings.resolved_blob_url),
+        blobs=open_blob_store(
+            settings.resolved_blob_url,
+            spool_dir=settings.blob_spool_dir,
+            s3_endpoint_url=settings.s3_endpoint_url or None,
+            s3_region=settings.s3_region or None,
+        ),
         dispatcher=dispatcher or make_dispatcher(settings),
     )
     if dispatcher is None:

@@ -28,8 +28,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     #: SQLAlchemy URL; empty means SQLite at ``data_dir/fedsrd.db``.
     database_url: str = ""
-    #: Blob store URL (``file:///path`` or a path); empty means ``data_dir/blobs``.
+    #: Blob store URL: ``file:///path`` or a path (empty means ``data_dir/blobs``), or
+    #: ``s3://bucket/optional/prefix`` for an S3-compatible bucket shared by API and workers
+    #: on several machines (credentials: the standard AWS environment or credential chain).
     blob_url: str = ""
+    #: S3-compatible server (MinIO, Ceph RGW, R2, ...); empty: AWS S3 itself.
+    s3_endpoint_url: str = ""
+    #: S3 region; empty: boto3's own (``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / config file).
+    s3_region: str = ""
     #: Celery broker: ``redis://...`` in production; ``filesystem://`` (the default) keeps the
     #: queue in ``data_dir/queue`` so the embedded mode needs no broker server.
     broker_url: str = "filesystem://"
@@ -89,6 +95,11 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_url(self) -> str:
         return self.blob_url or str((self.data_dir / "blobs").resolve())
+
+    @property
+    def blob_spool_dir(self) -> Path:
+        """Where an S3 store spools uploads while hashing them (local scratch)."""
+        return (self.data_dir / "blob-spool").resolve()
 
     @property
     def queue_dir(self) -> Path:

@@ -93,3 +93,69 @@ def tiny_model(model_cache: Path) -> Path:
 def _quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+# --------------------------------------------------------------------------------------------
+# S3: a real S3-API server (moto's) on loopback, for the S3 blob store's tests
+# --------------------------------------------------------------------------------------------
+
+S3_TEST_BUCKET = "fedsrd-test"
+#: Dummy credentials: the server checks none, and boto3 must never look further (a real
+#: profile, an instance role) for any.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "fedsrd-test-key",
+    "AWS_SECRET_ACCESS_KEY": "fedsrd-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server in a subprocess on 127.0.0.1 (a free port); yields its endpoint URL.
+
+    The process environment gets dummy AWS credentials for the session (restored after), and
+    the bucket ``S3_TEST_BUCKET`` exists; tests keep apart by using their own key prefixes.
+    """
+    import sys
+
+    import boto3
+
+    from api.launcher import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    saved = {k: os.environ.get(k) for k in S3_TEST_ENV}
+    os.environ.update(S3_TEST_ENV)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto's S3 server did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(
+            Bucket=S3_TEST_BUCKET
+        )
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
