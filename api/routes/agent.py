@@ -8,9 +8,9 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.blob_http import blob_response
 from api.deps import AgentDep, RuntimeDep, bearer
 from api.errors import TooLarge
 from api.schemas import (
@@ -28,13 +28,6 @@ from api.services import agent as agent_service
 from api.services import clients as client_service
 from api.services import runs as run_service
 from api.services import updates as update_service
-
-
-class _BlobFile(FileResponse):
-    # Starlette reads files in 64 KiB chunks; blobs are tens to hundreds of MiB, and each
-    # chunk is a trip through the event loop.
-    chunk_size = 4 << 20
-
 
 #: Bytes gathered on the event loop before one write in the thread pool.
 _WRITE_BATCH = 1 << 20
@@ -124,19 +117,15 @@ def sync(
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download(sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> Response:
+def download(request: Request, sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> Response:
     """A global blob of the run (initial state, global delta or snapshot); never another
-    client's update."""
+    client's update. A local store's file is sent as is; an S3 object is streamed through.
+    Both carry ``ETag`` (the quoted SHA-256) and honour a single ``Range``."""
     size = agent_service.check_download(rt, ident, sha256)
     with rt.single_statement() as ws:
         client_service.add_bytes_down(ws, ident.client_id, size)
     headers = {"X-Content-SHA256": sha256, "Cache-Control": "private, immutable"}
-    path = rt.blobs.local_path(sha256)
-    if path is not None:
-        return _BlobFile(path, media_type="application/octet-stream", headers=headers)
-    return StreamingResponse(
-        rt.blobs.iter_chunks(sha256), media_type="application/octet-stream", headers=headers
-    )
+    return blob_response(rt.blobs, sha256, size, headers, request.headers)
 
 
 @router.put("/rounds/{number}/update")
@@ -165,7 +154,7 @@ async def upload(
     # The event loop only gathers bytes; writing, hashing, decoding and the fsync run in the
     # thread pool, so one large upload does not stall every other agent's poll. The body
     # streams to a temporary file (memory stays bounded) and is validated there before it
-    # is renamed into the store.
+    # is committed to the store (renamed into place locally, uploaded to S3).
     with rt.blobs.writer(max_bytes=pre.size_cap) as writer:
         # One batch is written (and hashed) in a thread while the next arrives: both cores
         # work. The writer sees the batches in order; a failure waits for the write in

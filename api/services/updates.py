@@ -122,8 +122,9 @@ def validate_blob(run: Run, data: bytes | bytearray | memoryview) -> None:
 
 def validate_and_commit(run: Run, writer: BlobWriter, sha256: str) -> BlobRef:
     """Check the streamed body against its declared SHA-256 and the run's upload layout,
-    then commit it (fsynced and renamed into place: complete before any row names it).
-    On any failure the writer's context discards the temporary file."""
+    then commit it (complete in the store before any row names it: fsynced and renamed
+    into place locally, uploaded whole to S3). On any failure the writer's context discards
+    the temporary file."""
     if writer.sha256 != sha256:
         raise InvalidInput(
             f"X-Content-SHA256 is {sha256} but the body's SHA-256 is {writer.sha256} "
