@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from agent.client import AgentClient
-from api.blobstore import LocalBlobStore
+from api.blobstore import BlobStore, LocalBlobStore
 from api.launcher import Service, api_service, free_port, wait_ready, wait_worker, worker_service
 from api.migrate import upgrade
 from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
@@ -30,6 +30,8 @@ class System:
     port: int
     api: Service
     workers: list[Service] = field(default_factory=list)
+    #: The blob store the processes share, where it is not ``data_dir/blobs`` (S3).
+    blobs: BlobStore | None = None
 
     @property
     def url(self) -> str:
@@ -110,10 +112,12 @@ class System:
         """Rebuild the run from the database and the blob store: every update's blob is
         there; replaying the global deltas from the initial snapshot reproduces every
         published digest and every snapshot; no temporary file is left behind."""
-        check_consistent(self.env["FEDSRD_DATABASE_URL"], self.data_dir, run_id)
+        check_consistent(self.env["FEDSRD_DATABASE_URL"], self.data_dir, run_id, self.blobs)
 
 
-def server_state(database_url: str, data_dir: Path, run_id: int) -> GlobalState:
+def server_state(
+    database_url: str, data_dir: Path, run_id: int, blobs: BlobStore | None = None
+) -> GlobalState:
     """The server's global state after the run's newest closed round (from its snapshot)."""
     from sqlalchemy import select
 
@@ -132,19 +136,23 @@ def server_state(database_url: str, data_dir: Path, run_id: int) -> GlobalState:
             ).first()
             assert last is not None and last.snapshot_blob is not None
             layout = {k: (int(v[0]), int(v[1])) for k, v in run.layout.items()}
-            data = LocalBlobStore(data_dir / "blobs").read_bytes(last.snapshot_blob)
+            data = (blobs or LocalBlobStore(data_dir / "blobs")).read_bytes(last.snapshot_blob)
             return decode_snapshot(data, layout, int(run.config["lora"]["rank"]))
     finally:
         engine.dispose()
 
 
-def check_consistent(database_url: str, data_dir: Path, run_id: int) -> None:
+def check_consistent(
+    database_url: str, data_dir: Path, run_id: int, store: BlobStore | None = None
+) -> None:
+    """See :meth:`System.check_consistent`; ``store``: the shared blob store where it is not
+    ``data_dir/blobs`` (its temp data is then the caller's to check)."""
     from sqlalchemy import select
 
     from api.db import make_engine, make_session_factory
     from api.models import Round, Run, Update
 
-    blobs = LocalBlobStore(data_dir / "blobs")
+    blobs = store or LocalBlobStore(data_dir / "blobs")
     engine = make_engine(database_url or f"sqlite:///{data_dir / 'fedsrd.db'}")
     try:
         with make_session_factory(engine)() as s:
@@ -171,7 +179,8 @@ def check_consistent(database_url: str, data_dir: Path, run_id: int) -> None:
                 assert state_digest(snap) == r.digest, f"round {r.number}: snapshot differs"
     finally:
         engine.dispose()
-    assert not any((data_dir / "blobs" / "tmp").iterdir()), "temporary blob files left"
+    if store is None:
+        assert not any((data_dir / "blobs" / "tmp").iterdir()), "temporary blob files left"
 
 
 @contextmanager
