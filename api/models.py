@@ -102,6 +102,12 @@ class Run(Base):
     initial_blob: Mapped[str | None] = mapped_column(String(SHA_LEN))
     initial_size: Mapped[int | None] = mapped_column(BigInteger)
     initial_digest: Mapped[str | None] = mapped_column(String(SHA_LEN))
+    #: Traffic of the closed rounds (see :func:`api.services.rounds.round_traffic`): bytes
+    #: uploaded, bytes of global deltas delivered to the participants, and what FedAvg's
+    #: dense fp32 exchange of the same adapter would have moved for the same participants.
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    fedavg_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: Bumped on every change agents wait for (round opened/closed, run finished), so
     #: long polls can watch one integer.
     version: Mapped[int] = mapped_column(Integer, default=0)

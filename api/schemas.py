@@ -53,7 +53,8 @@ class TrainSettings(Strict):
 class SimulationSettings(Strict):
     """Workers play ``clients`` clients on data the project generates (no download)."""
 
-    clients: int = Field(default=3, ge=1, le=256)
+    #: One client per domain by default, so the defaults are a valid document.
+    clients: int = Field(default=len(DOMAINS), ge=1, le=256)
     domains: list[str] = Field(default_factory=lambda: list(DOMAINS), min_length=1)
     partition: Literal["domain", "iid", "dirichlet"] = "domain"
     dirichlet_alpha: float = Field(default=0.5, gt=0.0)
@@ -165,6 +166,15 @@ class RunPublic(BaseModel):
     total_rounds: int
     current_round: int
     lora_parameters: int
+    #: Active enrolled clients.
+    clients: int
+    #: Traffic of the closed rounds (api.services.rounds.round_traffic): uploads, global
+    #: deltas delivered to participants, and FedAvg's dense fp32 exchange for the same
+    #: participants; ``bytes_saved`` = fedavg - (up + down).
+    bytes_up: int
+    bytes_down: int
+    fedavg_equivalent_bytes: int
+    bytes_saved: int
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -213,11 +223,15 @@ class RoundPublic(BaseModel):
     uploaded: list[int]
     opened_at: dt.datetime
     deadline_at: dt.datetime
+    #: When its last update arrived (aggregation could start).
+    collected_at: dt.datetime | None
     closed_at: dt.datetime | None
     digest: str | None
     delta_size: int | None
     snapshot_size: int | None
     metrics: dict[str, Any]
+    #: Closed rounds: bytes ``up``, ``down`` and ``fedavg`` (api.services.rounds.round_traffic).
+    traffic: dict[str, int] | None
     attempts: int
     error: str | None
 

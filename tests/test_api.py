@@ -63,6 +63,20 @@ def test_run_lifecycle_digests_and_metrics(api: Api):
         assert m["bytes_up"] > 0
         assert m["bytes_down"] == r["delta_size"]
         assert m["durations"]["aggregate_s"] > 0
+        # Traffic: uploads, the delta to every participant, FedAvg's dense fp32 exchange.
+        n = len(m["participants"])
+        assert r["traffic"] == {
+            "up": m["bytes_up"],
+            "down": r["delta_size"] * n,
+            "fedavg": 2 * n * run["lora_parameters"] * 4,
+        }
+    assert run["bytes_up"] == sum(r["traffic"]["up"] for r in rounds)
+    assert run["bytes_down"] == sum(r["traffic"]["down"] for r in rounds)
+    assert run["fedavg_equivalent_bytes"] == sum(r["traffic"]["fedavg"] for r in rounds)
+    assert (
+        run["bytes_saved"] == run["fedavg_equivalent_bytes"] - run["bytes_up"] - run["bytes_down"]
+    )
+    assert run["bytes_saved"] > 0 and run["clients"] == 3
     clients = api.admin("GET", f"/api/v1/runs/{created['id']}/clients").json()
     assert clients["count"] == 3
     for c in clients["data"]:

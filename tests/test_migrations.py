@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from api.db import make_engine
 from api.migrate import alembic_config, upgrade
@@ -57,3 +59,63 @@ def test_the_check_can_fail(empty_db: str):
     finally:
         engine.dispose()
     assert any(d[0] == "add_table" for d in _diff(empty_db))
+
+
+def test_0002_fills_in_the_traffic_of_existing_runs(empty_db: str):
+    """Runs made before 0002 get the totals their closed rounds add up to, by the rule the
+    application applies to new rounds (api.services.rounds.round_traffic)."""
+    from api.services.rounds import round_traffic
+
+    command.upgrade(alembic_config(empty_db), "0001")
+    layout = {"m.q": [16, 8], "m.v": [8, 8]}
+    params = 2 * ((16 + 8) + (8 + 8))  # rank 2
+    engine = make_engine(empty_db)
+    rows = [  # (status, delta_size, bytes_up, participants)
+        ("closed", 1000, 5000, [1, 2, 3]),
+        ("closed", 700, 2500, [1, 2]),
+        ("open", None, 0, []),
+    ]
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, name, status, config, base_model, model_fingerprint,"
+                    " layout, total_rounds, current_round, version, created_at) VALUES (1, 'r',"
+                    " 'running', :config, 'tiny', :fp, :layout, 5, 3, 0, CURRENT_TIMESTAMP)"
+                ),
+                {
+                    "config": json.dumps({"lora": {"rank": 2}}),
+                    "fp": "0" * 64,
+                    "layout": json.dumps(layout),
+                },
+            )
+            for number, (status, delta, up, who) in enumerate(rows, start=1):
+                conn.execute(
+                    text(
+                        "INSERT INTO rounds (run_id, number, status, expected, opened_at,"
+                        " deadline_at, delta_size, metrics, attempts) VALUES (1, :n, :s, '[]',"
+                        " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :d, :m, 0)"
+                    ),
+                    {
+                        "n": number,
+                        "s": status,
+                        "d": delta,
+                        "m": json.dumps({"bytes_up": up, "participants": who}),
+                    },
+                )
+    finally:
+        engine.dispose()
+    upgrade(empty_db)
+    expected = [round_traffic(params, len(who), up, d) for s, d, up, who in rows if s == "closed"]
+    engine = make_engine(empty_db)
+    try:
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT bytes_up, bytes_down, fedavg_bytes FROM runs")).one()
+    finally:
+        engine.dispose()
+    assert tuple(got) == (
+        sum(t["up"] for t in expected),
+        sum(t["down"] for t in expected),
+        sum(t["fedavg"] for t in expected),
+    )
+    assert tuple(got) == (7500, 3 * 1000 + 2 * 700, 2 * 5 * params * 4)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Path, Query, Response, status
 from api.deps import AdminDep, RuntimeDep
 from api.errors import Conflict, NotFound
 from api.models import Client, Round, Run, utcnow
+from api.runtime import Runtime
 from api.schemas import (
     MAX_INT,
     ClientCreate,
@@ -24,13 +25,14 @@ from api.schemas import (
 )
 from api.services import clients as client_service
 from api.services import runs as run_service
+from api.services.rounds import round_traffic
 from api.services.states import lora_parameters
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[AdminDep])
 RunId = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
-def run_public(run: Run) -> RunPublic:
+def run_public(run: Run, clients: int) -> RunPublic:
     return RunPublic(
         id=run.id,
         name=run.name,
@@ -42,11 +44,20 @@ def run_public(run: Run) -> RunPublic:
         total_rounds=run.total_rounds,
         current_round=run.current_round,
         lora_parameters=lora_parameters(run),
+        clients=clients,
+        bytes_up=run.bytes_up,
+        bytes_down=run.bytes_down,
+        fedavg_equivalent_bytes=run.fedavg_bytes,
+        bytes_saved=run.fedavg_bytes - run.bytes_up - run.bytes_down,
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
         config=run.config,
     )
+
+
+def _one(rt: Runtime, run: Run) -> RunPublic:
+    return run_public(run, run_service.active_clients(rt, [run.id])[run.id])
 
 
 def client_public(c: Client, run: Run, current: Round | None, now: dt.datetime) -> ClientPublic:
@@ -74,7 +85,7 @@ def create_run(
     run = run_service.create(rt, body)
     if launch:
         run = run_service.launch(rt, run.id)
-    return run_public(run)
+    return _one(rt, run)
 
 
 @router.get("")
@@ -84,28 +95,29 @@ def list_runs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunsPublic:
     rows, count = run_service.list_runs(rt, offset, limit)
-    return RunsPublic(data=[run_public(r) for r in rows], count=count)
+    clients = run_service.active_clients(rt, [r.id for r in rows])
+    return RunsPublic(data=[run_public(r, clients[r.id]) for r in rows], count=count)
 
 
 @router.get("/{run_id}")
 def get_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
-    return run_public(run_service.get(rt, run_id))
+    return _one(rt, run_service.get(rt, run_id))
 
 
 @router.post("/{run_id}/launch")
 def launch_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
-    return run_public(run_service.launch(rt, run_id))
+    return _one(rt, run_service.launch(rt, run_id))
 
 
 @router.post("/{run_id}/cancel")
 def cancel_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
-    return run_public(run_service.cancel(rt, run_id))
+    return _one(rt, run_service.cancel(rt, run_id))
 
 
 @router.post("/{run_id}/resume")
 def resume_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
     """Resume a failed run, or re-send the work of a running one after a restart."""
-    return run_public(run_service.resume(rt, run_id))
+    return _one(rt, run_service.resume(rt, run_id))
 
 
 @router.post("/{run_id}/clients", status_code=status.HTTP_201_CREATED)
@@ -136,7 +148,8 @@ def revoke_client(
 @router.get("/{run_id}/rounds")
 def list_rounds(run_id: RunId, rt: RuntimeDep) -> RoundsPublic:
     """Per-round metrics: participants, bytes up/down, losses, durations, state digest."""
-    _, rows = run_service.rounds_of(rt, run_id)
+    run, rows = run_service.rounds_of(rt, run_id)
+    params = lora_parameters(run)
     data = [
         RoundPublic(
             number=r.number,
@@ -145,11 +158,17 @@ def list_rounds(run_id: RunId, rt: RuntimeDep) -> RoundsPublic:
             uploaded=uploaded,
             opened_at=r.opened_at,
             deadline_at=r.deadline_at,
+            collected_at=r.collected_at,
             closed_at=r.closed_at,
             digest=r.digest,
             delta_size=r.delta_size,
             snapshot_size=r.snapshot_size,
             metrics=r.metrics,
+            traffic=(
+                round_traffic(params, len(uploaded), int(r.metrics["bytes_up"]), r.delta_size)
+                if r.status == "closed" and r.delta_size is not None
+                else None
+            ),
             attempts=r.attempts,
             error=r.error,
         )

@@ -21,6 +21,28 @@ from sqlalchemy.orm import Session
 from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime, Transaction
 from api.services import clients as client_service
+from api.services.states import lora_parameters
+
+#: Bytes of one value in FedAvg's dense exchange (fp32 factors, as FedIT sends them).
+FEDAVG_VALUE_BYTES = 4
+
+
+def round_traffic(
+    lora_params: int, participants: int, bytes_up: int, delta_size: int
+) -> dict[str, int]:
+    """What a closed round moved, and what FedAvg would have moved for the same clients.
+
+    ``up``: the participants' uploads as stored; ``down``: the round's global delta, which
+    every participant receives; ``fedavg``: FedAvg's (FedIT's) dense exchange of the same
+    adapter, ``A`` and ``B`` in fp32 up and the new global factors down, per participant:
+    ``2 * participants * lora_params * 4`` bytes. Catch-up snapshots and retries are not
+    counted here (the clients' own byte counters include them).
+    """
+    return {
+        "up": bytes_up,
+        "down": delta_size * participants,
+        "fedavg": 2 * participants * lora_params * FEDAVG_VALUE_BYTES,
+    }
 
 
 def lock_run(s: Session, run_id: int) -> Run | None:
@@ -205,6 +227,12 @@ def complete_aggregation(
         rnd.digest = digest
         turnaround = None
         rnd.metrics = {**rnd.metrics, **metrics}
+        traffic = round_traffic(
+            lora_parameters(run), len(participants), int(metrics["bytes_up"]), delta[1]
+        )
+        run.bytes_up = run.bytes_up + traffic["up"]
+        run.bytes_down = run.bytes_down + traffic["down"]
+        run.fedavg_bytes = run.fedavg_bytes + traffic["fedavg"]
         client_service.record_rounds_done(s, participants)
         if run.status == "running":
             if rnd.number < run.total_rounds:

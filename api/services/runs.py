@@ -108,6 +108,20 @@ def list_runs(rt: Runtime, offset: int, limit: int) -> tuple[list[Run], int]:
         return list(rows), int(count)
 
 
+def active_clients(rt: Runtime, run_ids: list[int]) -> dict[int, int]:
+    """Number of active (not revoked) clients of each run in ``run_ids``: one query."""
+    if not run_ids:
+        return {}
+    with rt.sessions() as s:
+        rows = s.execute(
+            select(Client.run_id, func.count())
+            .where(Client.run_id.in_(run_ids), Client.status == "active")
+            .group_by(Client.run_id)
+        ).all()
+        counts = {int(run_id): int(n) for run_id, n in rows}
+    return {run_id: counts.get(run_id, 0) for run_id in run_ids}
+
+
 def launch(rt: Runtime, run_id: int) -> Run:
     """Write the initial state (round 0 snapshot) and open round 1."""
     run = get(rt, run_id)
