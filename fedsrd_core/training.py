@@ -218,7 +218,8 @@ def evaluate_loss(
     """Mean response-token cross-entropy and perplexity on ``examples``.
 
     Token-weighted over the whole set (not a mean of batch means), so it does not depend on
-    the batch size.
+    the batch size. Raises ``ValueError`` when truncation to ``seq_len`` leaves no response
+    token to score.
     """
     if not examples:
         raise ValueError("no evaluation examples")
@@ -239,7 +240,12 @@ def evaluate_loss(
         )
         total += float(loss)
         tokens += int((target != IGNORE_INDEX).sum())
-    mean = total / max(tokens, 1)
+    if tokens == 0:
+        # A loss of 0 over no tokens would read as a perfect model.
+        raise ValueError(
+            f"no response token fits in seq_len={seq_len}: every prompt fills the sequence"
+        )
+    mean = total / tokens
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": float(tokens)}
 
 

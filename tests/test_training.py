@@ -209,3 +209,12 @@ def test_simulation_end_to_end(tiny_path, tmp_path, strategy):
     assert markdown_report(result).startswith(f"# Simulation: {strategy}")
     again = simulate(load_causal_lm(str(tiny_path))[0], tok, clients, evals, cfg)
     assert [r.digest for r in again.rounds] == [r.digest for r in result.rounds]
+
+
+def test_evaluate_loss_refuses_when_truncation_leaves_no_response(peft_model):
+    pm, tok = peft_model
+    data = generate("arithmetic", 4, seed=2, split="eval")
+    assert evaluate_loss(pm, tok, data, seq_len=384)["tokens"] > 0
+    # Before, this answered loss 0.0 (perplexity 1): a perfect score for scoring nothing.
+    with pytest.raises(ValueError, match="no response token fits in seq_len=8"):
+        evaluate_loss(pm, tok, data, seq_len=8)
