@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from api.errors import Unauthorized
+from api import auth
+from api.errors import Forbidden, Unauthorized
 from api.runtime import Runtime
 from api.schemas import MAX_INT
 from api.services.agent import AgentIdentity, authenticate
@@ -29,12 +30,37 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def admin_session(request: Request, rt: Runtime) -> auth.Session | None:
+    """The dashboard session of the request's cookie, or None (absent, expired, forged)."""
+    try:
+        return auth.verify(
+            request.cookies.get(auth.COOKIE),
+            rt.settings.resolved_admin_token,
+            rt.settings.session_ttl_s,
+        )
+    except ValueError:
+        return None
+
+
 def require_admin(request: Request, rt: RuntimeDep) -> None:
+    """The admin token as a bearer token, or a dashboard session cookie (which must bring
+    its CSRF token in ``X-CSRF-Token`` on requests that change state)."""
+    admin_token = rt.settings.resolved_admin_token
     token = bearer(request)
     if token is None:
-        raise Unauthorized("missing admin token (Authorization: Bearer <token>)")
+        session = admin_session(request, rt)
+        if session is None:
+            raise Unauthorized("missing admin token (Authorization: Bearer <token>)")
+        if request.method not in _SAFE_METHODS and not auth.check_csrf(
+            session, admin_token, request.headers.get(auth.CSRF_HEADER)
+        ):
+            raise Forbidden("missing or invalid X-CSRF-Token for a cookie-authenticated request")
+        return
     # Constant-time: the comparison's duration says nothing about how much of it matched.
-    if not hmac.compare_digest(token.encode(), rt.settings.resolved_admin_token.encode()):
+    if not hmac.compare_digest(token.encode(), admin_token.encode()):
         raise Unauthorized("invalid admin token")
 
 

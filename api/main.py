@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +31,7 @@ from api.services import reconcile
 from api.services import rounds as round_service
 from api.settings import Settings
 from api.watch import RunWatcher
+from web import pages
 
 log = logging.getLogger("api")
 
@@ -146,16 +147,26 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         rt
     )  # replaced at start-up; lets TestClient without lifespan work
 
+    # The dashboard's pages get the same errors as pages (pages.wants_html); the API, JSON.
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        if pages.wants_html(request):
+            return pages.error_page(request, exc.status, str(exc.detail))
         return _error(exc.status, exc.code, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        if pages.wants_html(request):
+            # Pages only validate path and query parameters: a bad one names no page.
+            fields = ", ".join(d["field"] for d in _validation_detail(exc))
+            return pages.error_page(request, 404, f"no such page (bad {fields})")
         return _error(422, "invalid", _validation_detail(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if pages.wants_html(request):
+            message = "no such page" if exc.status_code == 404 else str(exc.detail)
+            return pages.error_page(request, exc.status_code, message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
 
@@ -179,6 +190,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(runs.router)
     app.include_router(agent.me_router)
     app.include_router(agent.router)
+    pages.install(app)
     return app
 
 
