@@ -151,3 +151,19 @@ class AgentClient:
 
     def heartbeat(self, round_number: int, step: int, **extra: Any) -> None:
         self._request("POST", "/heartbeat", json={"round": round_number, "step": step, **extra})
+
+    def report_progress(self, round_number: int, step: int, **extra: Any) -> bool:
+        """A heartbeat sent once, without retries and with a short timeout: progress during
+        local training is best effort and must never hold the training up. Returns whether
+        the server took it."""
+        try:
+            r = self.http.request(
+                "POST",
+                self.prefix + "/heartbeat",
+                headers=self.headers,
+                json={"round": round_number, "step": step, **extra},
+                timeout=httpx.Timeout(5.0),
+            )
+        except httpx.TransportError:
+            return False
+        return r.status_code < 400

@@ -8,6 +8,8 @@ did, and every step is checked against the digest the server published.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +82,8 @@ class Participant:
     have_round: int = -1
     digests: dict[int, str] = field(default_factory=dict)
     rounds_trained: list[int] = field(default_factory=list)
+    #: Least seconds between two progress reports during local training.
+    progress_interval: float = 2.0
 
     def __post_init__(self) -> None:
         self.info = self.info or self.client.run_info()
@@ -134,11 +138,27 @@ class Participant:
         number, base = int(answer["round"]), int(answer["base_round"])
         assert self.state is not None
         assert self.have_round == base
-        blob, loss = self.train_round(number)
-        self.client.heartbeat(number, self.train.steps, steps=self.train.steps, loss=loss)
+        blob, loss = self.train_round(number, on_step=self._progress(number))
+        finite = {"loss": loss} if math.isfinite(loss) else {}  # the server takes no NaN
+        self.client.heartbeat(number, self.train.steps, steps=self.train.steps, **finite)
         self.client.upload(number, base, blob, num_samples=len(self.data), train_loss=loss)
         self.rounds_trained.append(number)
         return "trained"
+
+    def _progress(self, number: int) -> Callable[[int, float], None]:
+        """Report local progress (step, loss) at most every ``progress_interval`` seconds."""
+        last = -math.inf
+
+        def report(step: int, loss: float) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < self.progress_interval or step >= self.train.steps:
+                return  # the last step is reported by the heartbeat after training
+            last = now
+            extra = {"loss": loss} if math.isfinite(loss) else {}
+            self.client.report_progress(number, step, steps=self.train.steps, **extra)
+
+        return report
 
     def train_round(
         self, number: int, on_step: Callable[[int, float], None] | None = None

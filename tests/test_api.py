@@ -341,6 +341,44 @@ def test_simulated_run_completes_with_evaluation(api: Api):
         assert r["metrics"]["train_loss"] > 0
         assert r["metrics"]["eval"]["arithmetic"]["loss"] > 0
     assert rounds[0]["digest"] != rounds[1]["digest"]
+    # Simulated clients report their local progress as agents do; the last is the last step.
+    clients = api.admin("GET", f"/api/v1/runs/{created['id']}/clients").json()["data"]
+    steps = run["config"]["train"]["steps"]
+    for c in clients:
+        assert c["progress"]["round"] == 2
+        assert c["progress"]["step"] == c["progress"]["steps"] == steps
+        assert c["progress"]["loss"] > 0
+
+
+def test_participant_reports_progress_while_training(api: Api, tiny_model: Path):
+    from agent.participant import Participant
+    from fedsrd_core.data import generate
+
+    created, agents = _three_clients(
+        api, rounds=1, train={"steps": 3, "batch_size": 2, "seq_len": 384}
+    )
+    api.admin("POST", f"/api/v1/runs/{created['id']}/launch")
+    client = agents[0].agent
+    seen: list[tuple] = []
+    send = client.report_progress
+
+    def spy(number: int, step: int, **extra):
+        taken = send(number, step, **extra)
+        mine = api.admin("GET", f"/api/v1/runs/{created['id']}/clients").json()["data"][0]
+        seen.append((number, step, extra["steps"], taken, mine["progress"]["step"]))
+        return taken
+
+    client.report_progress = spy  # type: ignore[method-assign]
+    model, tok = load_causal_lm(str(tiny_model))
+    p = Participant(
+        client, model, tok, generate("code", 4, seed=0), agents[0].info, progress_interval=0.0
+    )
+    assert p.step(0.0) == "trained"
+    # Every step but the last as it happens (the server has it at once); the last step
+    # comes with the heartbeat after training.
+    assert seen == [(1, 1, 3, True, 1), (1, 2, 3, True, 2)]
+    mine = api.admin("GET", f"/api/v1/runs/{created['id']}/clients").json()["data"][0]
+    assert mine["progress"]["step"] == 3 and mine["rounds_done"] == 0
 
 
 def test_health_ready_metrics(api: Api):

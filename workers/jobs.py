@@ -8,6 +8,7 @@ result (aggregation is deterministic; blobs are content-addressed; commits are c
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from functools import lru_cache
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from api.errors import ApiError
 from api.models import Client, Round, Run, Update
 from api.runtime import Runtime
+from api.services import clients as client_service
 from api.services import rounds as round_service
 from api.services import updates as update_service
 from api.services.runs import resolve_model
@@ -38,6 +40,8 @@ from fedsrd_core.strategies import RoundContext, Upload
 from fedsrd_core.training import TrainConfig, client_seeds, evaluate_loss, local_round
 
 log = logging.getLogger(__name__)
+#: Least seconds between two progress reports of a simulated client (as an agent's).
+PROGRESS_INTERVAL_S = 2.0
 _model_lock = threading.Lock()
 
 
@@ -192,6 +196,19 @@ def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
         seed = int(run.config["seed"])
         vd = value_dtype_of(run)
         data = simulated_data(run, index)
+    # Progress as a real agent reports it (throttled): the dashboard shows the local round.
+    last = -math.inf
+
+    def progress(step: int, loss: float) -> None:
+        nonlocal last
+        if time.monotonic() - last < PROGRESS_INTERVAL_S and step < train.steps:
+            return
+        last = time.monotonic()
+        report: dict[str, Any] = {"round": number, "step": step, "steps": train.steps}
+        if math.isfinite(loss):
+            report["loss"] = loss
+        client_service.report_progress(rt, run_id, client_id, report)
+
     # Train with no database session open: a local round can take minutes.
     with _model_lock:
         model, tokenizer = run_model(rt, run)
@@ -204,6 +221,7 @@ def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
             trainable=strategy.trainable_factors(),
             proximal_mu=strategy.proximal_mu(),
             seed=client_seeds(seed, number, index)[0],
+            on_step=progress,
         )
     ctx = RoundContext(round=number, seed=seed, value_dtype=vd)
     blob = encode(

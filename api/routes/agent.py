@@ -201,7 +201,5 @@ async def upload(
 @router.post("/heartbeat", status_code=204)
 def heartbeat(body: HeartbeatIn, ident: AgentDep, rt: RuntimeDep) -> Response:
     """Progress of local training (step, loss, samples/s): the client is alive."""
-    with rt.transaction() as tx:
-        client = client_service.get(tx.session, ident.run_id, ident.client_id)
-        client_service.record_progress(tx.session, client, body.model_dump())
+    client_service.report_progress(rt, ident.run_id, ident.client_id, body.model_dump())
     return Response(status_code=204)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import Conflict, Gone, NotFound, Unauthorized
 from api.models import Client, Round, Run, utcnow
+from api.runtime import Runtime
 
 TOKEN_PREFIX = "fsc_"
 #: last_seen_at is refreshed at most this often, so 200 polling agents do not mean 200
@@ -116,6 +117,12 @@ def record_progress(s: Session, client: Client, progress: dict[str, Any]) -> Non
     now = utcnow()
     client.progress = {**progress, "at": now.isoformat()}
     client.last_seen_at = now
+
+
+def report_progress(rt: Runtime, run_id: int, client_id: int, progress: dict[str, Any]) -> None:
+    """Local training progress (round, step, steps, loss, ...): the client is alive."""
+    with rt.transaction() as tx:
+        record_progress(tx.session, get(tx.session, run_id, client_id), progress)
 
 
 def add_bytes_down(s: Session, client_id: int, size: int) -> None:
