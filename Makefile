@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup browser clean
+.PHONY: demo test lint setup browser check-deploy clean
 
 setup: $(VENV)/.installed
 
