@@ -55,7 +55,8 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any, str, str]:
         api.stop()
         worker.stop()
         raise
-    print(f"fedsrd: API on {url} (docs {url}/docs), worker running; logs in {logs}")
+    print(f"fedsrd: API on {url}, worker running; logs in {logs}")
+    print(f"fedsrd: dashboard {url}/ (sign in with the admin token); OpenAPI {url}/docs")
     print(
         f"fedsrd: admin token in {settings.data_dir / 'admin_token'}"
         if not settings.admin_token
@@ -142,16 +143,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         z.raise_for_status()
         out.write_bytes(z.content)
         print(f"fedsrd demo: run {run['status']}; adapter exported to {out}")
+        run = httpx.get(f"{url}/api/v1/runs/{run_id}", headers=h, timeout=30).json()
+        print(
+            f"fedsrd demo: moved {(run['bytes_up'] + run['bytes_down']) / 2**20:.2f} MiB; "
+            f"FedAvg's dense exchange would have moved "
+            f"{run['fedavg_equivalent_bytes'] / 2**20:.2f} MiB"
+        )
         summary = {
             "run": run_id,
             "status": run["status"],
+            "bytes_up": run["bytes_up"],
+            "bytes_down": run["bytes_down"],
+            "fedavg_equivalent_bytes": run["fedavg_equivalent_bytes"],
             "rounds": [
                 {
                     "round": r["number"],
                     "bytes_up_mean": r["metrics"].get("bytes_up_mean"),
                     "bytes_down": r["metrics"].get("bytes_down"),
                     "train_loss": r["metrics"].get("train_loss"),
-                    "eval_loss": {k: v["loss"] for k, v in r["metrics"].get("eval", {}).items()},
+                    "eval_loss": {
+                        k: v.get("loss") for k, v in r["metrics"].get("eval", {}).items()
+                    },
                     "turnaround_s": r["metrics"].get("turnaround_s"),
                     "digest": r["digest"],
                 }
@@ -174,7 +186,7 @@ def _print_rounds(run: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
     print(f"{'round':>5} {'KiB up/client':>14} {'KiB down':>9} {'train loss':>10} {'eval loss':>9}")
     for r in rounds:
         m = r["metrics"]
-        ev = [v["loss"] for v in m.get("eval", {}).values()]
+        ev = [v["loss"] for v in m.get("eval", {}).values() if "loss" in v]
         print(
             f"{r['number']:>5} {m.get('bytes_up_mean', 0) / 1024:>14.1f} "
             f"{m.get('bytes_down', 0) / 1024:>9.1f} {m.get('train_loss') or 0:>10.3f} "
