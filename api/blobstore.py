@@ -47,6 +47,7 @@ import hashlib
 import mmap
 import os
 import re
+import threading
 import time
 import uuid
 import weakref
@@ -56,7 +57,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, BinaryIO, Protocol, Self
+from typing import IO, Any, BinaryIO, ClassVar, Protocol, Self
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
@@ -513,23 +514,41 @@ class TempFileWriter(BlobWriterBase):
         self._finalizer.detach()
         _discard_temp(self._fh, self._tmp_path)
 
+    #: Start the temp file's fsync when it is read back for validation, so the disk works
+    #: while the caller decodes (the commit's own fsync then finds little left to write).
+    _presync: ClassVar[bool] = False
+
     @contextmanager
     def _read_back(self) -> Iterator[memoryview]:
         self._fh.flush()
         if self._size == 0:
             yield memoryview(b"")
             return
+        sync = None
+        if self._presync:
+            # os.fsync releases the GIL; an error here comes back from the commit's fsync.
+            sync = threading.Thread(target=_fsync_quietly, args=(self._fh.fileno(),))
+            sync.start()
         # A read-only map of the temp file: the page cache, not a second copy in the heap.
-        with open(self._tmp_path, "rb") as f:
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        view = memoryview(m)
         try:
-            yield view
+            with open(self._tmp_path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(m)
+            try:
+                yield view
+            finally:
+                view.release()
+                # BufferError: a view made from it is still alive; the GC closes the map then.
+                with contextlib.suppress(BufferError):
+                    m.close()
         finally:
-            view.release()
-            # BufferError: a view made from it is still alive; the GC closes the map then.
-            with contextlib.suppress(BufferError):
-                m.close()
+            if sync is not None:
+                sync.join()  # before the file may be closed or discarded
+
+
+def _fsync_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
 
 
 def sweep_temp_dir(directory: Path, older_than_seconds: float) -> int:
@@ -554,6 +573,8 @@ def sweep_temp_dir(directory: Path, older_than_seconds: float) -> int:
 
 class LocalBlobWriter(TempFileWriter):
     """Writes into a unique temp file under ``root/tmp``, renamed into place on commit."""
+
+    _presync = True
 
     def __init__(self, store: LocalBlobStore, max_bytes: int | None = None) -> None:
         super().__init__(store.tmp_dir, max_bytes)

@@ -661,6 +661,38 @@ def test_local_several_processes_same_content(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def test_local_read_back_starts_the_fsync_and_commit_still_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation reads the temp file while its fsync runs in a thread; the commit still
+    fsyncs before the rename (durable whatever the thread did), and the data is intact."""
+    import api.blobstore as bs
+
+    synced: list[tuple[int, str]] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append((fd, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(bs.os, "fsync", spy)
+    store = LocalBlobStore(tmp_path / "b")
+    data = os.urandom(3 << 20)
+    with store.writer() as w:
+        w.write(data)
+        fd = w._fh.fileno()
+        with w.spooled() as view:
+            assert bytes(view) == data
+        during = [name for f, name in synced if f == fd]
+        assert during and during[0] != threading.main_thread().name
+        ref = w.commit()
+    # The file's own fsyncs come first (the directory fsyncs after the rename may reuse
+    # the closed file's descriptor number).
+    after = [name for f, name in synced if f == fd]
+    assert after[:2] == [during[0], threading.main_thread().name]
+    assert store.read_bytes(ref.sha256) == data
+
+
 def test_open_blob_store_file_url(tmp_path: Path) -> None:
     store = open_blob_store(f"file://{tmp_path}/blobs")
     assert isinstance(store, LocalBlobStore)
