@@ -67,7 +67,7 @@ def verify(value: str | None, admin_token: str, ttl_s: int, now: float | None = 
     expected = _mac(_key(admin_token, "session"), f"{_VERSION}.{issued_s}.{nonce}")
     # Constant-time: the comparison's duration says nothing about how much of it matched.
     if not hmac.compare_digest(mac.encode(), expected.encode()):
-        raise ValueError("invalid session (signed out, or the admin token changed)")
+        raise ValueError("invalid session (forged, or the admin token changed)")
     try:
         issued = int(issued_s)
     except ValueError:

@@ -289,7 +289,7 @@ def form_to_document(form: FormData) -> tuple[dict[str, Any], dict[str, list[str
             raise ValueError("not an object")
         doc["strategy_config"] = config
     except ValueError as e:
-        errors["strategy_config"] = [f'must be a JSON object, e.g. {{"alpha": 0.85}} ({e})']
+        errors["strategy_config"] = [f'must be a JSON object, e.g. {{"download_drop": 0.8}} ({e})']
     lora: dict[str, Any] = {}
     _optional(lora, "rank", _text(form, "lora.rank"))
     _optional(lora, "alpha", _text(form, "lora.alpha"), blank_is_none=True)
