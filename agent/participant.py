@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from fedsrd_core.peft_lora import attach_lora, lora_config
 from fedsrd_core.snapshot import decode_global_delta, decode_snapshot
 from fedsrd_core.state import GlobalState, state_digest
 from fedsrd_core.strategies import RoundContext, Strategy, get_strategy
-from fedsrd_core.training import TrainConfig, client_seeds, local_round
+from fedsrd_core.training import TrainConfig, client_seeds, local_round, throttled
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +146,14 @@ class Participant:
 
     def _progress(self, number: int) -> Callable[[int, float], None]:
         """Report local progress (step, loss) at most every ``progress_interval`` seconds."""
-        last = -math.inf
 
         def report(step: int, loss: float) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last < self.progress_interval or step >= self.train.steps:
+            if step >= self.train.steps:
                 return  # the last step is reported by the heartbeat after training
-            last = now
             extra = {"loss": loss} if math.isfinite(loss) else {}
             self.client.report_progress(number, step, steps=self.train.steps, **extra)
 
-        return report
+        return throttled(report, self.progress_interval)
 
     def train_round(
         self, number: int, on_step: Callable[[int, float], None] | None = None

@@ -101,6 +101,29 @@ def collate(
     return ids, mask, labels
 
 
+def throttled(
+    on_step: Callable[[int, float], None],
+    interval_s: float,
+    *,
+    final_step: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[int, float], None]:
+    """An ``on_step`` callback for :func:`local_round` that passes a step on to ``on_step``
+    at most once every ``interval_s`` seconds (the first step always), and ``final_step``
+    always: progress reports without one request per optimizer step."""
+    last = -math.inf
+
+    def call(step: int, loss: float) -> None:
+        nonlocal last
+        now = clock()
+        if step != final_step and now - last < interval_s:
+            return
+        last = now
+        on_step(step, loss)
+
+    return call
+
+
 @dataclass
 class RoundStats:
     """What a local round reports: loss per optimizer step, samples, wall time."""

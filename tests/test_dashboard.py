@@ -192,6 +192,23 @@ def _errors(html: str) -> dict[str, list[str]]:
     return out
 
 
+def _valid_form(csrf: str) -> dict[str, Any]:
+    """A launch form the API accepts: two simulated clients, two cheap rounds."""
+    return {
+        "csrf_token": csrf,
+        "name": "from-form",
+        "model": "tiny",
+        "rounds": "2",
+        "lora.rank": "4",
+        "train.steps": "1",
+        "train.batch_size": "2",
+        "simulate": "1",
+        "simulation.clients": "2",
+        "simulation.domains": ["arithmetic", "code"],
+        "simulation.examples_per_client": "4",
+    }
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "message"),
     [
@@ -211,18 +228,7 @@ def _errors(html: str) -> dict[str, list[str]]:
 def test_bad_fields_are_named_next_to_the_field_and_nothing_is_stored(
     api: Api, fields: dict[str, str], field: str, message: str
 ):
-    csrf = sign_in(api)
-    data = {
-        "csrf_token": csrf,
-        "name": "bad",
-        "model": "tiny",
-        "rounds": "2",
-        "lora.rank": "4",
-        "simulate": "1",
-        "simulation.clients": "2",
-        "simulation.domains": ["arithmetic", "code"],
-        **fields,
-    }
+    data = {**_valid_form(sign_in(api)), "name": "bad", **fields}
     r = api.client.post("/runs/new", data=data, headers=HTML)
     assert r.status_code == 422, r.text[:300]
     errors = _errors(r.text)
@@ -235,21 +241,7 @@ def test_bad_fields_are_named_next_to_the_field_and_nothing_is_stored(
 
 
 def test_a_valid_form_creates_and_launches_the_run(api: Api):
-    csrf = sign_in(api)
-    data = {
-        "csrf_token": csrf,
-        "name": "from-form",
-        "model": "tiny",
-        "rounds": "2",
-        "lora.rank": "4",
-        "train.steps": "1",
-        "train.batch_size": "2",
-        "simulate": "1",
-        "simulation.clients": "2",
-        "simulation.domains": ["arithmetic", "code"],
-        "simulation.examples_per_client": "4",
-        "launch": "1",
-    }
+    data = {**_valid_form(sign_in(api)), "launch": "1"}
     r = api.client.post("/runs/new", data=data, headers=HTML, follow_redirects=False)
     assert r.status_code == 303
     run_id = int(r.headers["location"].rsplit("/", 1)[1])

@@ -218,3 +218,15 @@ def test_evaluate_loss_refuses_when_truncation_leaves_no_response(peft_model):
     # Before, this answered loss 0.0 (perplexity 1): a perfect score for scoring nothing.
     with pytest.raises(ValueError, match="no response token fits in seq_len=8"):
         evaluate_loss(pm, tok, data, seq_len=8)
+
+
+def test_throttled_passes_the_first_step_then_one_per_interval_and_the_final_step():
+    from fedsrd_core.training import throttled
+
+    now = [0.0]
+    seen: list[int] = []
+    call = throttled(lambda step, loss: seen.append(step), 2.0, final_step=9, clock=lambda: now[0])
+    for step, t in zip(range(1, 10), [0.0, 0.5, 1.9, 2.0, 2.1, 4.5, 5.0, 6.4, 6.5], strict=True):
+        now[0] = t
+        call(step, 0.1)
+    assert seen == [1, 4, 6, 9]  # t=0, t=2.0, t=4.5, and the final step at t=6.5

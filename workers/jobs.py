@@ -37,7 +37,13 @@ from fedsrd_core.data import Example, generate, partition_dirichlet, partition_i
 from fedsrd_core.snapshot import decode_global_delta, encode_snapshot
 from fedsrd_core.state import state_digest
 from fedsrd_core.strategies import RoundContext, Upload
-from fedsrd_core.training import TrainConfig, client_seeds, evaluate_loss, local_round
+from fedsrd_core.training import (
+    TrainConfig,
+    client_seeds,
+    evaluate_loss,
+    local_round,
+    throttled,
+)
 
 log = logging.getLogger(__name__)
 #: Least seconds between two progress reports of a simulated client (as an agent's).
@@ -196,14 +202,9 @@ def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
         seed = int(run.config["seed"])
         vd = value_dtype_of(run)
         data = simulated_data(run, index)
-    # Progress as a real agent reports it (throttled): the dashboard shows the local round.
-    last = -math.inf
 
+    # Progress as a real agent reports it (throttled): the dashboard shows the local round.
     def progress(step: int, loss: float) -> None:
-        nonlocal last
-        if time.monotonic() - last < PROGRESS_INTERVAL_S and step < train.steps:
-            return
-        last = time.monotonic()
         report: dict[str, Any] = {"round": number, "step": step, "steps": train.steps}
         if math.isfinite(loss):
             report["loss"] = loss
@@ -221,7 +222,7 @@ def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
             trainable=strategy.trainable_factors(),
             proximal_mu=strategy.proximal_mu(),
             seed=client_seeds(seed, number, index)[0],
-            on_step=progress,
+            on_step=throttled(progress, PROGRESS_INTERVAL_S, final_step=train.steps),
         )
     ctx = RoundContext(round=number, seed=seed, value_dtype=vd)
     blob = encode(
