@@ -20,13 +20,15 @@ beyond its best rank-``r`` approximation (Eq. 10; zero for FedSRD-e). Writing ``
 the small differences of (*) instead of as ``W_r - B A`` avoids the cancellation that costs
 the dense fp32 path its accuracy once the updates are small against ``B A``.
 
-``W_perp`` comes from a Cholesky-QR of both factors (column-scaled Gram matrices, an
-eigendecomposition fallback when they are rank deficient or ill-conditioned) and the top-r
-left singular subspace of an ``m r x m r`` core (subspace iteration started from ``B~``'s
+``W_perp`` comes from a Cholesky-QR of ``L_W`` alone (column-scaled Gram matrix, an
+eigendecomposition fallback when it is rank deficient or ill-conditioned): in those
+coordinates the top-r left singular subspace of ``W`` is the top-r eigenspace of the
+``m r x m r`` matrix ``N (R_W R_W^T) N^T``, found by subspace iteration started from ``B~``'s
 axes with a Davis-Kahan stopping bound, or an exact eigendecomposition when the spectral gap
-is small). Every product is thin: ``O((d_out + d_in) (m r)^2)`` time and
-``O((d_out + d_in) m r)`` memory per module, against ``O(d_out d_in min(d_out, d_in))`` and
-``O(d_out d_in)`` for the dense path in :mod:`fedsrd_core.reference`.
+is small. ``R_W``'s Gram matrix is only multiplied, never factored. Every product is thin:
+``O((d_out + d_in) (m r)^2)`` time and ``O((d_out + d_in) m r)`` memory per module, against
+``O(d_out d_in min(d_out, d_in))`` and ``O(d_out d_in)`` for the dense path in
+:mod:`fedsrd_core.reference`.
 
 All inputs and outputs are float32 on any device; small ``(m r)``-sized matrices are
 handled in float64.
@@ -159,16 +161,6 @@ def _orthonormal_factor(G32: torch.Tensor, exact_gram: Callable[[], torch.Tensor
     return _GramFactor(V / root, root.unsqueeze(1) * V.T, "eigh")
 
 
-@dataclass(frozen=True)
-class _Core:
-    """Orthonormal coordinates of ``W = L R``: ``W = (L @ ML) @ C @ (R^T @ MR)^T``."""
-
-    ML: torch.Tensor  # k x kL, float64, includes the column scaling of L
-    MR: torch.Tensor  # k x kR, float64, includes the row scaling of R
-    C: torch.Tensor  # kL x kR, float64
-    leading_block: bool  # whether L's first columns span the first coordinates (Cholesky)
-
-
 def _scaled_factor(X: torch.Tensor, *, rows: bool) -> tuple[_GramFactor, torch.Tensor]:
     """Orthonormal factor of ``X`` with its columns (rows) scaled to unit norm, and the
     scales (float64; 1 for a zero column). The norms come from the Gram's diagonal."""
@@ -185,86 +177,149 @@ def _scaled_factor(X: torch.Tensor, *, rows: bool) -> tuple[_GramFactor, torch.T
     return _orthonormal_factor(G32, exact), scale
 
 
-def _factored_core(L: torch.Tensor, R: torch.Tensor) -> _Core:
-    """Orthonormal coordinates of ``W = L @ R`` (``L``: ``d_out x k``, ``R``: ``k x d_in``).
-
-    Returns ``(ML, MR, C)`` with ``Q_L = L @ ML`` and ``Q_R = R^T @ MR`` orthonormal and
-    ``W = Q_L C Q_R^T``. Columns of ``L`` and rows of ``R`` are scaled to unit norm first so
-    that factors of very different magnitude (``B~`` against the small ``E_i``) do not make
-    the Gram matrices ill-conditioned.
-    """
-    fL, sL = _scaled_factor(L, rows=False)
-    fR, sR = _scaled_factor(R, rows=True)
-    C = (fL.N * (sL * sR)) @ fR.N.T
-    return _Core(fL.M / sL.unsqueeze(1), fR.M / sR.unsqueeze(1), C, fL.method == "cholesky")
-
-
 # Subspace iteration stops when the Davis-Kahan bound on the angle to the exact top-r
 # subspace is below this, and gives up (exact eigendecomposition) after _SUBSPACE_MAX_ITERS.
 _SUBSPACE_TOL = 1e-10
 _SUBSPACE_MAX_ITERS = 12
+# Cholesky-QR2 of an iterate is accepted when ||Q^T Q - I||_F is below this (float64).
+_ORTHO_TOL = 1e-12
 
 
-def _top_left_subspace(C: torch.Tensor, r: int, *, warm: bool) -> tuple[torch.Tensor, str]:
-    """Orthonormal basis (``kL x r``, float64) of the top-``r`` left singular vectors of C.
+def _orthonormal_columns(Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (``k x r``, float64) of the columns of a full-rank ``Y``.
+
+    Cholesky-QR applied twice (two thin products and two ``r x r`` factorisations instead of
+    a Householder QR, whose LAPACK call costs several times more at these sizes), accepted
+    only when the result is orthonormal to ``_ORTHO_TOL``; otherwise, or when the Gram is not
+    positive definite, Householder QR.
+    """
+    Q = Y
+    for _ in range(2):
+        U, info = torch.linalg.cholesky_ex(Q.T @ Q, upper=True)
+        if int(info.item()) != 0:
+            return _householder_q(Y)
+        Q = torch.linalg.solve_triangular(U, Q, upper=True, left=False)
+    defect = Q.T @ Q
+    defect.diagonal().sub_(1.0)
+    if float(torch.linalg.matrix_norm(defect)) > _ORTHO_TOL:
+        return _householder_q(Y)
+    return Q
+
+
+def _householder_q(Y: torch.Tensor) -> torch.Tensor:
+    q: torch.Tensor = torch.linalg.qr(Y).Q
+    return q
+
+
+def _top_eigenspace(M: torch.Tensor, r: int, *, warm: bool) -> tuple[torch.Tensor, str]:
+    """Orthonormal basis (``k x r``, float64) of the top-``r`` eigenvectors of a symmetric
+    positive semi-definite ``M`` (``k x k``, float64).
 
     With ``warm`` (Cholesky coordinates, whose first ``r`` axes span ``B~``, the dominant
-    part of ``W`` once the run is under way) it runs subspace iteration on ``M = C C^T``
-    from those axes. It stops when the Davis-Kahan bound ``||M X - X H||_F / (theta_min -
-    tau)`` on ``sin`` of the angle to the exact subspace is below 1e-10, where
-    ``H = X^T M X`` has Ritz values ``theta`` and ``tau = trace(M) - trace(H)`` bounds every
-    eigenvalue outside the top ``r`` from above. Otherwise, or when the bound does not hold
-    within a few iterations (a small spectral gap), it takes the exact eigendecomposition.
+    part of ``W`` once the run is under way) it runs subspace iteration from those axes,
+    two products with ``M`` per orthonormalisation (each pass shrinks the error by
+    ``(lambda_{r+1} / lambda_r)^2``; at these sizes the fixed cost of the small factorisations
+    outweighs the products). It stops when the Davis-Kahan bound
+    ``||M X - X H||_F / (theta_min - tau)`` on ``sin`` of the angle to the exact subspace is
+    below 1e-10, where ``H = X^T M X`` has Ritz values ``theta`` and
+    ``tau = trace(M) - trace(H)`` bounds every eigenvalue outside the top ``r`` from above
+    (Ky Fan). Otherwise, or when the bound does not hold within a few passes (a small
+    spectral gap), it takes the exact eigendecomposition.
 
     Returns the basis and ``"iteration"`` or ``"eigh"``.
     """
-    kL = C.shape[0]
     if warm:
-        trace_M = float(C.square().sum())
-        X = torch.eye(kL, r, dtype=C.dtype, device=C.device)
-        for _ in range(_SUBSPACE_MAX_ITERS):
-            Y = C @ (C.T @ X)
+        trace_M = float(M.diagonal().sum())
+        # M @ e_1..e_r is M's first r columns: the first pass starts one product in.
+        Y = M[:, :r]
+        for _ in range(_SUBSPACE_MAX_ITERS // 2):
+            X = _orthonormal_columns(M @ Y)
+            Y = M @ X
             H = X.T @ Y
             theta_min = float(torch.linalg.eigvalsh(H)[0])
             tau = trace_M - float(H.trace())
             gap = theta_min - max(tau, 0.0)
             if gap > 0 and float(torch.linalg.vector_norm(Y - X @ H)) <= _SUBSPACE_TOL * gap:
                 return X, "iteration"
-            X = torch.linalg.qr(Y).Q
-    _, V = torch.linalg.eigh(C @ C.T)  # ascending eigenvalues = squared singular values
+    _, V = torch.linalg.eigh(M)  # ascending eigenvalues
     top: torch.Tensor = V[:, -r:]
     return top, "eigh"
 
 
 @dataclass(frozen=True)
-class _Tail:
-    """``W - W_r = L K R`` with ``K = ML (C - X X^T C) MR^T``, applied without forming K."""
+class _Projection:
+    """The best rank-``r`` approximation of ``W = L R`` (``L``: ``d_out x k``, ``R``:
+    ``k x d_in``) in the orthonormal coordinates ``Q_L = L ML`` of ``L``'s column space.
 
-    core: _Core
-    X: torch.Tensor  # kL x r, top-r left singular subspace of C
+    With ``Q_L^T W = NS R`` and ``X`` the top-``r`` left singular vectors of ``W`` in those
+    coordinates: ``W_r = Q_L X X^T Q_L^T W = (L Z)(Y^T R)`` with ``Z = ML X`` and
+    ``Y = NS^T X``, and the tail ``W - W_r = L K R`` with ``K = ML (I - X X^T) NS``, applied
+    without forming it. ``K`` goes through ``Q_L``'s coordinates rather than being written as
+    ``I - Z Y^T``: both give ``W - W_r``, but the latter is a difference of two large
+    coefficient vectors that cancel only once multiplied by ``L``, which the float32 products
+    that follow would not resolve when ``L``'s columns are nearly dependent.
+    """
 
-    def _c_perp(self, v: torch.Tensor) -> torch.Tensor:
-        cv = self.core.C @ v
-        return torch.sub(cv, self.X @ (self.X.T @ cv))
+    ML: torch.Tensor  # k x kL, float64, includes the column scaling of L
+    NS: torch.Tensor  # kL x k, float64
+    X: torch.Tensor  # kL x r, float64, orthonormal
+    eigenvalues: torch.Tensor | None  # the r squared singular values (``exact`` only)
+
+    @property
+    def Z(self) -> torch.Tensor:
+        """``k x r``: ``L Z`` = the top-``r`` left singular vectors of ``W``."""
+        return self.ML @ self.X
+
+    @property
+    def Y(self) -> torch.Tensor:
+        """``k x r``: ``Y^T R = (L Z)^T W``."""
+        return self.NS.T @ self.X
 
     def right(self, P: torch.Tensor) -> torch.Tensor:
         """``K @ P`` for a thin ``P`` (``k x n``, float64)."""
-        return torch.matmul(self.core.ML, self._c_perp(self.core.MR.T @ P))
+        V = self.NS @ P
+        return self.ML @ (V - self.X @ (self.X.T @ V))
 
     def left(self, Q: torch.Tensor) -> torch.Tensor:
         """``Q @ K`` for a thin ``Q`` (``n x k``, float64)."""
-        qm = Q @ self.core.ML  # n x kL
-        qc = qm @ self.core.C - (qm @ self.X) @ (self.X.T @ self.core.C)
-        return torch.matmul(qc, self.core.MR.T)
+        U = Q @ self.ML
+        return (U - (U @ self.X) @ self.X.T) @ self.NS
 
 
-def _tail(L: torch.Tensor, R: torch.Tensor, r: int) -> _Tail | None:
-    """The part of ``W = L R`` beyond its best rank-``r`` approximation; None if rank <= r."""
-    core = _factored_core(L, R)
-    if min(core.C.shape) <= r:
+def _rank_r_projection(
+    L: torch.Tensor, R: torch.Tensor, r: int, *, exact: bool = False
+) -> _Projection | None:
+    """Top-``r`` left singular subspace of ``W = L @ R`` (``L``: ``d_out x k``, ``R``:
+    ``k x d_in``, float32), never forming ``W``; None when ``rank(L) <= r`` (``W_r = W``).
+
+    One-sided: only ``L`` is orthonormalised. With ``L S^-1 = Q_L N`` (column scales ``S``,
+    Cholesky-QR of :func:`_scaled_factor`, ``Q_L = L S^-1 M``), ``Q_L^T W = N S R`` and
+    ``Q_L^T W W^T Q_L = (N S)(R R^T)(N S)^T``, a ``k x k`` matrix whose top-``r``
+    eigenvectors ``X`` give ``Q_L X``, the top-``r`` left singular vectors of ``W``, and
+    whose eigenvalues are their squared singular values. ``R R^T`` is only multiplied, never
+    inverted, so its conditioning does not matter. The two Gram matrices cost
+    ``(d_out + d_in) k^2 / 2`` multiply-adds in float32; the rest is ``k x k`` in float64.
+
+    With ``exact`` the eigenvectors come from a full eigendecomposition, sorted by decreasing
+    eigenvalue, which are returned too (and a projection is returned for any rank).
+    """
+    fL, sL = _scaled_factor(L, rows=False)
+    kL = fL.M.shape[1]
+    if kL <= r and not exact:
         return None
-    X, _ = _top_left_subspace(core.C, r, warm=core.leading_block)
-    return _Tail(core, X)
+    NS = fL.N * sL  # kL x k: Q_L^T L
+    G_R = _gram(R, rows=True).to(torch.float64)
+    M = NS @ G_R @ NS.T
+    M = 0.5 * (M + M.T)
+    eigenvalues = None
+    if exact:
+        lam, V = torch.linalg.eigh(M)
+        kk = min(r, kL)
+        X = V[:, -kk:].flip(1)
+        eigenvalues = lam[-kk:].flip(0).clamp_min(0)
+    else:
+        X, _ = _top_eigenspace(M, r, warm=fL.method == "cholesky")
+    return _Projection(fL.M / sL.unsqueeze(1), NS, X, eigenvalues)
 
 
 def _centered_factors(
@@ -341,11 +396,11 @@ def fedsrd_module_delta(
     which = update_parity(round_)
     r = A.shape[0]
     L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
-    tail = None
+    tail = None  # W - W_r = L_W K R_W (None: rank(W) <= r, or FedSRD-e)
     if truncate:
         # L_W = L_D[:, r:] and R_W = [A + dA_bar; G...] = J R_D: W = L_W R_W.
         R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
-        tail = _tail(L_D[:, r:], R_W, r)
+        tail = _rank_r_projection(L_D[:, r:], R_W, r)
     if which == "B":
         P = right_pinv_product(R_D, A).to(torch.float64)  # (m+1)r x r = R_D pinv(A)
         if tail is not None:
@@ -379,20 +434,19 @@ def truncated_factors(
     L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
     L_W = L_D[:, r:]
     R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
-    core = _factored_core(L_W, R_W)
-    lam, V = torch.linalg.eigh(core.C @ core.C.T)
-    kk = min(r, V.shape[1])
-    X = V[:, -kk:].flip(1)  # descending
-    sigma = lam[-kk:].flip(0).clamp_min(0).sqrt()
-    pos = sigma > sigma.max().clamp_min(0) * max(core.C.shape) * _EPS64 if kk else sigma > 0
+    proj = _rank_r_projection(L_W, R_W, r, exact=True)
+    assert proj is not None
+    assert proj.eigenvalues is not None
+    # B' = U_r S_r^(1/2) = L_W Z S_r^(1/2) and A' = S_r^(-1/2) U_r^T W = S_r^(-1/2) Y^T R_W.
+    sigma = proj.eigenvalues.sqrt()
+    kk = sigma.numel()
+    pos = sigma > sigma.max().clamp_min(0) * max(L_W.shape[1], kk) * _EPS64 if kk else sigma > 0
     root = torch.where(pos, sigma.sqrt(), torch.zeros_like(sigma))
     inv_root = torch.where(pos, 1.0 / sigma.clamp_min(1e-300).sqrt(), torch.zeros_like(sigma))
-    left = core.ML @ (X * root)  # k x kk: B' = L_W left
-    right = (inv_root.unsqueeze(1) * X.T) @ core.C @ core.MR.T  # kk x k: A' = right R_W
     B_new = torch.zeros_like(B)
     A_new = torch.zeros_like(A)
-    B_new[:, :kk] = L_W @ left.to(L_W.dtype)
-    A_new[:kk] = right.to(R_W.dtype) @ R_W
+    B_new[:, :kk] = L_W @ (proj.Z * root).to(L_W.dtype)
+    A_new[:kk] = (inv_root.unsqueeze(1) * proj.Y.T).to(R_W.dtype) @ R_W
     return A_new, B_new
 
 

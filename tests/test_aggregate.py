@@ -68,13 +68,16 @@ def test_factored_matches_dense_reference(d_out, d_in, r, m, round_, truncate):
 
 @pytest.mark.parametrize(("d_out", "d_in", "r", "m"), SHAPES[1:5])
 @pytest.mark.parametrize("round_", [2, 3])
-def test_small_updates_stay_accurate(d_out, d_in, r, m, round_):
-    """Updates 100x smaller than the factors: W - BA is a small difference of large terms.
+@pytest.mark.parametrize("scale", [1e-2, 1e-3])
+def test_small_updates_stay_accurate(d_out, d_in, r, m, round_, scale):
+    """Updates 100x and 1000x smaller than the factors: W - BA is a small difference of
+    large terms.
 
     The factored path writes T through the updates themselves, so it keeps fp32 accuracy
-    where a dense fp32 path loses about ||W|| / ||T|| in relative precision.
+    where a dense fp32 path loses about ||W|| / ||T|| in relative precision. (30, 20, 8, 8)
+    stacks more columns than rows, so it takes the eigendecomposition fallback.
     """
-    A, B, dAs, dBs, w = make_inputs(d_out, d_in, r, m, scale=1e-2, seed=7)
+    A, B, dAs, dBs, w = make_inputs(d_out, d_in, r, m, scale=scale, seed=7)
     _, delta = fedsrd_module_delta(A, B, dAs, dBs, w, round_=round_, truncate=True)
     _, ref = dense_fedsrd_module_delta(A, B, dAs, dBs, w, round_=round_, truncate=True)
     assert rel_err(delta, ref) < 1e-4
@@ -254,12 +257,17 @@ def test_gram_blocks_match_full_product():
 
 
 def _core_of(A, B, dAs, dBs, w):
-    from fedsrd_core.aggregate import _centered_factors, _factored_core
+    """The ``m r x m r`` matrix whose top eigenspace the truncation needs, and whether its
+    coordinates are Cholesky ones (warm start)."""
+    from fedsrd_core.aggregate import _centered_factors, _gram, _scaled_factor
 
     r = A.shape[0]
     L_D, R_D = _centered_factors(A, B, dAs, dBs, w)
     R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
-    return _factored_core(L_D[:, r:], R_W)
+    f, s = _scaled_factor(L_D[:, r:], rows=False)
+    NS = f.N * s
+    M = NS @ _gram(R_W, rows=True).double() @ NS.T
+    return 0.5 * (M + M.T), f.method == "cholesky"
 
 
 @pytest.mark.parametrize(("scale", "method"), [(1e-2, "iteration"), (1.0, "eigh")])
@@ -267,13 +275,58 @@ def test_top_subspace_iteration_and_fallback_agree_with_eigh(scale, method):
     """Small updates (a clear spectral gap) converge by subspace iteration; comparable
     updates (a small gap) fall back to the eigendecomposition. Both give the exact
     subspace: the projectors match the one from eigh."""
-    from fedsrd_core.aggregate import _top_left_subspace
+    from fedsrd_core.aggregate import _top_eigenspace
 
     A, B, dAs, dBs, w = make_inputs(120, 90, 6, 4, scale=scale, seed=8)
-    core = _core_of(A, B, dAs, dBs, w)
-    assert core.leading_block
-    X, how = _top_left_subspace(core.C, 6, warm=True)
+    M, warm = _core_of(A, B, dAs, dBs, w)
+    assert warm
+    X, how = _top_eigenspace(M, 6, warm=True)
     assert how == method
-    Y, how_ref = _top_left_subspace(core.C, 6, warm=False)
+    Y, how_ref = _top_eigenspace(M, 6, warm=False)
     assert how_ref == "eigh"
     torch.testing.assert_close(X @ X.T, Y @ Y.T, atol=1e-8, rtol=0)
+    torch.testing.assert_close(X.T @ X, torch.eye(6, dtype=X.dtype), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6, 1e12])
+def test_orthonormal_columns_against_householder(cond):
+    """Cholesky-QR2 spans the same columns as Householder QR with orthonormality to
+    1e-12; a Gram too ill-conditioned for it falls back to Householder QR."""
+    from fedsrd_core.aggregate import _orthonormal_columns
+
+    g = torch.Generator().manual_seed(int(cond) % 1000)
+    U, _ = torch.linalg.qr(torch.randn(150, 10, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    Y = (U * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 10).double()) @ V.T
+    Q = _orthonormal_columns(Y)
+    ref = torch.linalg.qr(Y).Q
+    torch.testing.assert_close(Q.T @ Q, torch.eye(10, dtype=Q.dtype), atol=1e-12, rtol=0)
+    torch.testing.assert_close(Q @ Q.T, ref @ ref.T, atol=1e-9 * cond, rtol=0)
+    # Q spans Y: Y = Q (Q^T Y).
+    torch.testing.assert_close(Q @ (Q.T @ Y), Y, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "r", "m"), SHAPES)
+@pytest.mark.parametrize("scale", [1e-2, 1.0])
+def test_rank_r_projection_matches_dense_svd(d_out, d_in, r, m, scale):
+    """``(L Z)(Y^T R)`` is the dense rank-r truncation of ``W = L R`` and ``L Z`` has
+    orthonormal columns; the tail operator gives ``W - W_r``."""
+    from fedsrd_core.aggregate import _centered_factors, _rank_r_projection
+
+    A, B, dAs, dBs, w = make_inputs(d_out, d_in, r, m, scale=scale, seed=d_out + m)
+    L_D, R_D = _centered_factors(A, B, dAs, dBs, w)
+    L = L_D[:, r:]
+    R = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
+    W = L.double() @ R.double()
+    W_r = dense_truncate(W, r)
+    proj = _rank_r_projection(L, R, r)
+    if proj is None:  # rank(L) <= r: nothing beyond rank r
+        assert torch.linalg.matrix_rank(W).item() <= r
+        return
+    LZ = L.double() @ proj.Z
+    torch.testing.assert_close(LZ.T @ LZ, torch.eye(r, dtype=LZ.dtype), atol=1e-4, rtol=0)
+    assert rel_err(LZ @ (proj.Y.T @ R.double()), W_r) < 1e-5
+    eye = torch.eye(L.shape[1], dtype=torch.float64)
+    tail = L.double() @ proj.right(eye) @ R.double()
+    torch.testing.assert_close(L.double() @ proj.left(eye) @ R.double(), tail)
+    assert float((tail - (W - W_r)).norm()) < 1e-5 * float(W.norm())
