@@ -26,6 +26,9 @@ implementation. Design rules that the code below follows:
   nothing else for any malformed blob, with a message naming the problem and the tensor.
 * **Vectorised.** Bit packing and unpacking, Rice coding and decoding are whole-tensor torch
   operations; no Python loop runs per element (only per bit of a field, at most 40 times).
+* **Checkable as it streams in.** :class:`StreamValidator` runs decode's checks on a blob fed
+  in pieces, entry by entry as each section completes, with decode's verdict and first
+  error; it shares the header parser and the section decoders with :func:`decode`.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import dataclasses
 import math
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
+import numpy as np
 import torch
 
 from fedsrd_core.masks import seeded_positions
@@ -50,6 +54,7 @@ __all__ = [
     "EntryKind",
     "PositionEncoding",
     "SeededSparse",
+    "StreamValidator",
     "ValueDType",
     "WireFormatError",
     "decode",
@@ -444,7 +449,17 @@ def _rice_encode(positions: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tens
 
 
 def _first_non_finite(v: torch.Tensor) -> int | None:
-    """Index of the first inf/NaN of 1-D ``v``, or None (one cheap pass when all finite)."""
+    """Index of the first inf/NaN of 1-D floating ``v``, or None.
+
+    Fast path: the float32 sum of ``v``. Any inf or NaN term makes every partial sum that
+    contains it inf or NaN (inf + finite = inf, inf - inf = NaN, NaN + x = NaN), whatever the
+    order of the additions, so a finite sum proves every value finite in one pass that
+    allocates nothing (``isfinite`` allocates a mask and is tens of times slower on large
+    tensors). A sum that is not finite (a non-finite value, or finite values that overflow
+    float32 together) is settled exactly by the mask.
+    """
+    if v.numel() == 0 or math.isfinite(float(torch.sum(v, dtype=torch.float32))):
+        return None
     finite = torch.isfinite(v)
     if bool(finite.all()):
         return None
@@ -613,28 +628,36 @@ def encode(
 
 
 # --------------------------------------------------------------------------------------------
-# Header parsing (shared by decode and inspect)
+# Header parsing (shared by decode, inspect and StreamValidator)
+
+
+class _NeedMore(Exception):  # noqa: N818 (a signal, not an error)
+    """Internal: the bytes present so far end inside a header, and the blob's total size is
+    not known yet, so it is too early to call it truncated (StreamValidator only)."""
 
 
 class _Reader:
-    """Bounds-checked little-endian reader: every read checks the bytes remaining first."""
+    """Bounds-checked little-endian reader over the first ``len(data)`` bytes of a blob of
+    ``total`` bytes (None: not known yet). Every read checks the bytes present first: past
+    ``total`` is a truncated blob; past the bytes present but not ``total`` is
+    :class:`_NeedMore`. For a whole blob (``decode``), ``total == len(data)``."""
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, total: int | None, pos: int = 0) -> None:
         self.data = data
-        self.pos = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
+        self.total = total
+        self.pos = pos
 
     def take(self, n: int, what: str) -> memoryview:
-        if n > self.remaining:
+        end = self.pos + n
+        if end > len(self.data):
+            if self.total is None or end <= self.total:
+                raise _NeedMore
             raise WireFormatError(
                 f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.remaining} left"
+                f"only {self.total - self.pos} left"
             )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
+        out = self.data[self.pos : end]
+        self.pos = end
         return out
 
     def unpack(self, fmt: str, what: str) -> tuple[int, ...]:
@@ -651,35 +674,75 @@ def _as_memoryview(data: object) -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
-def _parse(data: memoryview, max_numel: int) -> list[EntryInfo]:
-    """Parse and length-check the prefix and all entry headers (allocates no tensors).
+class _HeaderParser:
+    """Parses and length-checks the prefix and the entry headers (allocates no tensors).
 
-    On return every entry's section is known to lie inside the blob, the sections exactly
-    fill the rest of it, and each section length equals what the entry's encoding implies.
+    Resumable, so that :class:`StreamValidator` can feed it a blob's first bytes as they
+    arrive: :meth:`parse` reads as far as the bytes present allow and, if they end inside
+    a header while the blob's size is still unknown, returns False having kept every entry
+    parsed so far; called again with more bytes, it resumes at the unfinished header. With
+    the size known (always, for :func:`decode`) it raises exactly what the checks find, in
+    the same order, so both paths report the same first error.
     """
-    rd = _Reader(data)
-    magic, version, dcode, reserved, n = cast(
-        tuple[bytes, int, int, int, int], _PREFIX.unpack(rd.take(_PREFIX.size, "prefix"))
-    )
-    if magic != MAGIC:
-        raise WireFormatError(f"bad magic {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise WireFormatError(f"unsupported version {version} (this decoder reads 1)")
-    if dcode not in _CODE_DTYPE:
-        raise WireFormatError(f"unknown value dtype code {dcode}")
-    if reserved != 0:
-        raise WireFormatError(f"reserved byte is {reserved}, must be 0")
-    vd = _CODE_DTYPE[dcode]
-    vsize = _VALUE_SIZE[vd]
-    # Bound the loop by the bytes present before looping (never trust n_tensors).
-    if n * _MIN_ENTRY_HEADER > rd.remaining:
-        raise WireFormatError(
-            f"truncated: {n} tensors need at least {n * _MIN_ENTRY_HEADER} header bytes, "
-            f"only {rd.remaining} left"
+
+    def __init__(self, max_numel: int) -> None:
+        self.max_numel = max_numel
+        self.n: int | None = None  # entries declared, once the prefix is accepted
+        self.vd: ValueDType = "fp32"
+        self.infos: list[EntryInfo] = []
+        self.seen: set[str] = set()
+        self.pos = 0  # end of the last complete part (prefix or entry header)
+
+    def parse(self, data: memoryview, total: int | None) -> bool:
+        """Parse what the blob's first ``len(data)`` bytes allow (``total``: its size, None
+        if not known yet). True once every header is parsed; False if more bytes are needed.
+
+        Raises:
+            WireFormatError: a header is invalid or (``total`` known) truncated.
+        """
+        rd = _Reader(data, total, self.pos)
+        try:
+            if self.n is None:
+                self._prefix(rd)
+            assert self.n is not None
+            while len(self.infos) < self.n:
+                self._entry(rd, len(self.infos))
+                self.pos = rd.pos
+        except _NeedMore:
+            return False
+        return True
+
+    def _prefix(self, rd: _Reader) -> None:
+        magic, version, dcode, reserved, n = cast(
+            tuple[bytes, int, int, int, int], _PREFIX.unpack(rd.take(_PREFIX.size, "prefix"))
         )
-    infos: list[EntryInfo] = []
-    seen: set[str] = set()
-    for e in range(n):
+        if magic != MAGIC:
+            raise WireFormatError(f"bad magic {magic!r}, expected {MAGIC!r}")
+        if version != FORMAT_VERSION:
+            raise WireFormatError(f"unsupported version {version} (this decoder reads 1)")
+        if dcode not in _CODE_DTYPE:
+            raise WireFormatError(f"unknown value dtype code {dcode}")
+        if reserved != 0:
+            raise WireFormatError(f"reserved byte is {reserved}, must be 0")
+        # Bound the loop by the bytes present before looping (never trust n_tensors). With
+        # the size unknown, the check passes once enough bytes are here (every valid blob
+        # gets there) and cannot fail before the size is known: wait.
+        need = n * _MIN_ENTRY_HEADER
+        if rd.total is None:
+            if need > len(rd.data) - rd.pos:
+                raise _NeedMore
+        elif need > rd.total - rd.pos:
+            raise WireFormatError(
+                f"truncated: {n} tensors need at least {need} header bytes, "
+                f"only {rd.total - rd.pos} left"
+            )
+        self.vd = _CODE_DTYPE[dcode]
+        self.n = n
+        self.pos = rd.pos
+
+    def _entry(self, rd: _Reader, e: int) -> None:
+        """Parse entry header ``e`` at ``rd.pos`` and append its EntryInfo (offset 0: see
+        :func:`_layout`). Nothing is kept if it raises, so a retry starts afresh."""
         start = rd.pos
         (name_len,) = rd.unpack("H", f"entry {e} name length")
         raw = rd.take(name_len, f"entry {e} name")
@@ -687,18 +750,17 @@ def _parse(data: memoryview, max_numel: int) -> list[EntryInfo]:
             name = str(raw, "utf-8")
         except UnicodeDecodeError as exc:
             raise WireFormatError(f"entry {e}: invalid UTF-8 name: {exc}") from None
-        if name in seen:
+        if name in self.seen:
             raise WireFormatError(f"tensor {name!r}: duplicate name")
-        seen.add(name)
         where = f"tensor {name!r}"
         (ndim,) = rd.unpack("B", f"{where} ndim")
         if ndim > _MAX_NDIM:
             raise WireFormatError(f"{where}: ndim {ndim} too large (max {_MAX_NDIM})")
         shape = rd.unpack(f"{ndim}Q", f"{where} shape")
         numel = math.prod(shape)  # exact Python int: no overflow however large the dims
-        if numel > min(max_numel, _NUMEL_CAP):
+        if numel > min(self.max_numel, _NUMEL_CAP):
             raise WireFormatError(
-                f"{where}: numel {numel} exceeds max_numel {min(max_numel, _NUMEL_CAP)}"
+                f"{where}: numel {numel} exceeds max_numel {min(self.max_numel, _NUMEL_CAP)}"
             )
         enc, count = rd.unpack("BQ", f"{where} encoding and count")
         if enc not in _ENC_NAME:
@@ -741,22 +803,25 @@ def _parse(data: memoryview, max_numel: int) -> list[EntryInfo]:
                 raise WireFormatError(f"{where}: seeded mask needs numel < 2**32, got {numel}")
             pos_bytes = 0
         (section_len,) = rd.unpack("Q", f"{where} section length")
-        value_bytes = count * vsize
+        value_bytes = count * _VALUE_SIZE[self.vd]
         if section_len != pos_bytes + value_bytes:
             raise WireFormatError(
                 f"{where}: section length {section_len} disagrees with {pos_bytes} position "
                 f"+ {value_bytes} value bytes implied by the header"
             )
-        infos.append(
+        # Only now is the name taken: a header cut short by the bytes present is re-read
+        # whole later and must not then find its own name a duplicate.
+        self.seen.add(name)
+        self.infos.append(
             EntryInfo(
                 name=name,
                 shape=tuple(shape),
                 numel=numel,
                 kind=_ENC_NAME[enc],
                 count=count,
-                value_dtype=vd,
+                value_dtype=self.vd,
                 header_bytes=rd.pos - start,
-                offset=0,  # filled in below once all headers are read
+                offset=0,  # filled in by _layout once all headers are read
                 position_bytes=pos_bytes,
                 value_bytes=value_bytes,
                 rice_k=rice_k,
@@ -767,19 +832,40 @@ def _parse(data: memoryview, max_numel: int) -> list[EntryInfo]:
                 keep_threshold=thr,
             )
         )
-    total = sum(i.section_bytes for i in infos)
-    if total > rd.remaining:
+
+
+def _check_sections_fill(sections: int, remaining: int) -> None:
+    """The data sections must fill the ``remaining`` bytes after the headers exactly."""
+    if sections > remaining:
         raise WireFormatError(
-            f"truncated: data sections declare {total} bytes, only {rd.remaining} left"
+            f"truncated: data sections declare {sections} bytes, only {remaining} left"
         )
-    if total < rd.remaining:
-        raise WireFormatError(f"{rd.remaining - total} trailing bytes after the last section")
-    at = rd.pos
+    if sections < remaining:
+        raise WireFormatError(f"{remaining - sections} trailing bytes after the last section")
+
+
+def _with_offsets(infos: list[EntryInfo], header_end: int) -> list[EntryInfo]:
+    """``infos`` with each section's offset filled in (sections follow the headers)."""
     out = []
+    at = header_end
     for info in infos:
         out.append(dataclasses.replace(info, offset=at))
         at += info.section_bytes
     return out
+
+
+def _parse(data: memoryview, max_numel: int) -> list[EntryInfo]:
+    """Parse and length-check the prefix and all entry headers of a whole blob (allocates no
+    tensors).
+
+    On return every entry's section is known to lie inside the blob, the sections exactly
+    fill the rest of it, and each section length equals what the entry's encoding implies.
+    """
+    parser = _HeaderParser(max_numel)
+    done = parser.parse(data, len(data))
+    assert done  # with the size known, a short blob raises instead of asking for more
+    _check_sections_fill(sum(i.section_bytes for i in parser.infos), len(data) - parser.pos)
+    return _with_offsets(parser.infos, parser.pos)
 
 
 def inspect(data: bytes | bytearray | memoryview, *, max_numel: int = 2**34) -> list[EntryInfo]:
@@ -1035,6 +1121,318 @@ class LazyBlob(Mapping[str, "torch.Tensor | SparseTensor"]):
 
     def __len__(self) -> int:
         return len(self._infos)
+
+
+# --------------------------------------------------------------------------------------------
+# Validating a blob as it streams in
+
+#: Bytes of values checked per step by StreamValidator (bounds its temporaries).
+_VALUE_STEP = 1 << 20
+#: The exponent field of each wire dtype, as (little-endian integer view, mask): a value is
+#: inf or NaN exactly when every bit of its exponent is set.
+_EXPONENT: dict[str, tuple[str, int]] = {
+    "fp32": ("<u4", 0x7F800000),
+    "bf16": ("<u2", 0x7F80),
+    "fp16": ("<u2", 0x7C00),
+}
+
+
+def _first_non_finite_raw(raw: memoryview, value_dtype: ValueDType) -> int | None:
+    """Index of the first inf/NaN among the little-endian ``value_dtype`` values in ``raw``
+    (whole values), or None: the exponent bits, tested on an integer view of the bytes.
+
+    numpy rather than torch here: it reads the bytes where they are (read-only, any
+    alignment), on the calling thread, in a few ms per 64 MiB; torch would need them copied
+    into an aligned block first, and its reductions above 32768 elements wake its intra-op
+    thread pool, which costs more than it saves in the small steps of a stream.
+    """
+    view, mask = _EXPONENT[value_dtype]
+    exponent = np.bitwise_and(np.frombuffer(raw, dtype=view), mask)
+    bad = exponent == mask
+    if not bad.any():
+        return None
+    return int(bad.argmax())
+
+
+class StreamValidator:
+    """Checks a blob fed in pieces exactly as :func:`decode` checks a whole one, without
+    holding the blob: each entry is checked as soon as its section is complete, so when the
+    last byte arrives only the last section is left.
+
+    Usage::
+
+        v = StreamValidator(expected_shapes=shapes, total_size=declared_length)
+        for chunk in body:
+            v.feed(chunk)          # may raise WireFormatError (see below)
+        infos = v.finish()         # raises what decode(body, expected_shapes=shapes) raises
+
+    Equivalence with ``decode(blob, expected_shapes=..., max_numel=...)`` (tested with random
+    chunkings of valid, random and mutated blobs): the concatenated pieces are accepted
+    exactly when decode accepts them, and otherwise the first :class:`WireFormatError` is
+    decode's, message included. ``finish`` returns what :func:`inspect` returns.
+
+    Decode reports a truncated or over-long blob before anything else, and that needs the
+    blob's size. With ``total_size`` given, every error is raised by the :meth:`feed` that
+    reveals it; without, header errors still are, and errors found after the headers are
+    held back until :meth:`finish` (the checks go on; the error stays the first found).
+    Once raised, an error is raised again by every later call.
+
+    Memory: the header bytes until every header is parsed, and one entry's position bytes
+    (Rice streams, bitmap or indices) until its section is complete; values are checked
+    where they arrive (in steps of 1 MiB) and never accumulated. Nothing is sized from a
+    declared length: what is held is at most what was fed, and decoding a section's
+    positions takes what decode takes for it. Without ``total_size``, a blob declaring more
+    entries than its bytes can hold is buffered until :meth:`finish` (decode rejects it from
+    the size alone): pass ``total_size`` for untrusted input whose size is known.
+
+    Not thread-safe: feed it from one thread at a time, in order.
+
+    Args:
+        expected_shapes: as for :func:`decode`: the blob must hold exactly these names and
+            shapes (checked from the headers, before any section).
+        max_numel: as for :func:`decode`.
+        total_size: the blob's size in bytes, if known in advance (an HTTP Content-Length).
+            Feeding more, or finishing with less, is a ``ValueError``.
+        check_headers: called once with the entries (offsets filled in) when the headers are
+            complete, before the ``expected_shapes`` check (a caller's own rule, such as the
+            value dtype). What it raises is treated as an error found at that point: raised
+            at once if ``total_size`` is known, else from :meth:`finish` unless the blob
+            turns out truncated or over-long (which decode would report first).
+    """
+
+    def __init__(
+        self,
+        *,
+        expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        max_numel: int = 2**34,
+        total_size: int | None = None,
+        check_headers: Callable[[list[EntryInfo]], None] | None = None,
+    ) -> None:
+        if total_size is not None and (
+            isinstance(total_size, bool) or not isinstance(total_size, int) or total_size < 0
+        ):
+            raise ValueError(f"total_size must be a non-negative int or None, got {total_size!r}")
+        self._expected = expected_shapes
+        self._total = total_size
+        self._check_headers = check_headers
+        self._parser = _HeaderParser(max_numel)
+        self._head = bytearray()  # the blob's first bytes, until every header is parsed
+        self._infos: list[EntryInfo] | None = None
+        self._header_end = 0
+        self._fed = 0
+        self._raised: BaseException | None = None  # sticky: raised again by every call
+        self._held: BaseException | None = None  # found after the headers, size unknown
+        self._finished = False
+        # The entry whose section is arriving, and how far it has got.
+        self._entry = 0
+        self._offset = 0  # bytes of its section seen
+        self._positions = bytearray()  # its position bytes, until complete
+        self._positions_checked = False
+        self._position_error: WireFormatError | None = None
+        self._values_checked = 0  # of its values
+        self._carry = bytearray()  # a value split between two pieces
+
+    @property
+    def bytes_fed(self) -> int:
+        """Bytes fed so far."""
+        return self._fed
+
+    @property
+    def entries(self) -> list[EntryInfo] | None:
+        """The entries (as :func:`inspect` describes them) once every header is parsed."""
+        return None if self._infos is None else list(self._infos)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the blob's next bytes (they are copied where kept, never aliased).
+
+        Raises:
+            WireFormatError: the blob is certain to be invalid (see the class).
+            ValueError: more bytes than ``total_size``, or called after :meth:`finish`.
+            TypeError: ``data`` is not bytes-like.
+        """
+        if self._raised is not None:
+            raise self._raised
+        if self._finished:
+            raise ValueError("StreamValidator.feed after finish")
+        mv = _as_memoryview(data)
+        if self._total is not None and self._fed + len(mv) > self._total:
+            raise ValueError(f"fed {self._fed + len(mv)} bytes, more than total_size {self._total}")
+        self._fed += len(mv)
+        try:
+            self._consume(mv)
+        except BaseException as e:
+            self._raised = e
+            raise
+
+    def finish(self) -> list[EntryInfo]:
+        """The blob is complete: run the checks that needed its end; the entries if valid.
+
+        Raises:
+            WireFormatError: what :func:`decode` raises for the fed bytes, if it raises.
+            ValueError: fewer bytes than ``total_size`` were fed.
+        """
+        if self._raised is not None:
+            raise self._raised
+        if self._finished:
+            assert self._infos is not None
+            return list(self._infos)
+        if self._total is not None and self._fed != self._total:
+            raise ValueError(f"fed {self._fed} bytes, total_size is {self._total}")
+        try:
+            if self._infos is None:
+                # Headers unfinished: with the size now known the parser either completes
+                # them (then the sections are all empty) or raises decode's error.
+                self._total = self._fed
+                self._consume(memoryview(b""))
+            assert self._infos is not None
+            sections = sum(i.section_bytes for i in self._infos)
+            _check_sections_fill(sections, self._fed - self._header_end)
+            if self._held is not None:
+                raise self._held
+            # The sections fill the blob, so every one of them has been checked.
+            assert self._entry == len(self._infos)
+        except BaseException as e:
+            self._raised = e
+            raise
+        self._finished = True
+        return list(self._infos)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _consume(self, mv: memoryview) -> None:
+        if self._infos is None:
+            self._head += mv
+            head = memoryview(self._head)
+            try:
+                if not self._parser.parse(head, self._total):
+                    return
+                self._headers_done()
+                self._sections(head[self._header_end :])
+            finally:
+                head.release()
+            self._head = bytearray()
+            return
+        self._sections(mv)
+
+    def _headers_done(self) -> None:
+        """Every header is parsed: lay out the sections and run the header-level checks in
+        decode's order (size, then the caller's, then ``expected_shapes``)."""
+        self._header_end = self._parser.pos
+        self._infos = _with_offsets(self._parser.infos, self._header_end)
+        if self._total is not None:
+            sections = sum(i.section_bytes for i in self._infos)
+            _check_sections_fill(sections, self._total - self._header_end)
+        try:
+            if self._check_headers is not None:
+                self._check_headers(list(self._infos))
+            if self._expected is not None:
+                _check_expected(self._infos, self._expected)
+        except Exception as e:  # the caller's error too: raised in decode's order
+            self._hold(e)
+
+    def _hold(self, error: BaseException) -> None:
+        """The first error after the headers: decode's first error once the size is known to
+        match (at once with ``total_size``, else at :meth:`finish`). Later sections are not
+        checked any more (they cannot change the outcome)."""
+        if self._held is None:
+            self._held = error
+        if self._total is not None:
+            raise self._held
+
+    def _sections(self, mv: memoryview) -> None:
+        """Consume section bytes, completing entries in order (empty sections included)."""
+        infos = self._infos
+        assert infos is not None
+        while self._held is None and self._entry < len(infos):
+            info = infos[self._entry]
+            npos = info.position_bytes
+            if self._offset < npos:
+                k = min(len(mv), npos - self._offset)
+                self._positions += mv[:k]
+                self._offset += k
+                mv = mv[k:]
+                if self._offset < npos:
+                    return
+            if not self._positions_checked:
+                self._check_positions(info)
+            k = min(len(mv), info.section_bytes - self._offset)
+            if k:
+                self._check_values(info, mv[:k])
+                self._offset += k
+                mv = mv[k:]
+            if self._held is not None or self._offset < info.section_bytes:
+                return
+            self._end_entry(info)
+        # Anything left is beyond the last section: counted in _fed, reported by finish.
+
+    def _check_positions(self, info: EntryInfo) -> None:
+        """The entry's position bytes are complete: decode them as decode does. An error is
+        kept, not raised, since decode checks the values first and a bad value wins."""
+        self._positions_checked = True
+        buf = memoryview(self._positions)
+        try:
+            if info.kind == "rice":
+                u = info.rice_unary_bytes or 0
+                _decode_rice(info, buf[:u], buf[u:])
+            elif info.kind == "bitmap":
+                _decode_bitmap(info, buf)
+            elif info.kind == "index32":
+                _decode_index32(info, buf)
+        except WireFormatError as e:
+            self._position_error = e
+        finally:
+            buf.release()
+        self._positions = bytearray()
+
+    def _check_values(self, info: EntryInfo, mv: memoryview) -> None:
+        """Check the entry's next value bytes (a value may straddle two pieces)."""
+        size = _VALUE_SIZE[info.value_dtype]
+        if self._carry:
+            k = min(len(mv), size - len(self._carry))
+            self._carry += mv[:k]
+            mv = mv[k:]
+            if len(self._carry) < size:
+                return
+            carried = memoryview(bytes(self._carry))
+            self._carry = bytearray()
+            self._check_whole_values(info, carried)
+        whole = len(mv) - len(mv) % size
+        for at in range(0, whole, _VALUE_STEP):
+            if self._held is not None:
+                return
+            self._check_whole_values(info, mv[at : min(at + _VALUE_STEP, whole)])
+        if whole < len(mv) and self._held is None:
+            self._carry += mv[whole:]
+
+    def _check_whole_values(self, info: EntryInfo, raw: memoryview) -> None:
+        """Check whole values as :func:`_decode_values` does (same first index, same text)."""
+        size = _VALUE_SIZE[info.value_dtype]
+        i = _first_non_finite_raw(raw, info.value_dtype)
+        if i is not None:
+            value = _from_le(raw[i * size : (i + 1) * size], _TORCH_DTYPE[info.value_dtype])
+            self._hold(
+                WireFormatError(
+                    f"tensor {info.name!r}: non-finite value {float(value[0])} at value index "
+                    f"{self._values_checked + i}"
+                )
+            )
+        self._values_checked += len(raw) // size
+
+    def _end_entry(self, info: EntryInfo) -> None:
+        """The entry's section is complete and its values are finite."""
+        if self._position_error is not None:
+            self._hold(self._position_error)
+            return
+        if info.kind == "seeded":
+            try:
+                _decode_seeded(info)
+            except WireFormatError as e:
+                self._hold(e)
+                return
+        self._entry += 1
+        self._offset = 0
+        self._positions_checked = False
+        self._values_checked = 0
 
 
 # Keep the Literal aliases and their runtime tables in sync (import-time self-check).

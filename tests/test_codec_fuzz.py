@@ -1,5 +1,7 @@
 """Property tests of the wire codec: random round trips, and hostile bytes that must either
-decode or raise WireFormatError, quickly and without allocating far more than the blob.
+decode or raise WireFormatError, quickly and without allocating far more than the blob; and
+the incremental validator (StreamValidator), fed the same inputs in random pieces, must
+reach decode's verdict with decode's message, under the same allocation bound.
 
 Allocation accounting: torch's CPU tensor memory is invisible to ``tracemalloc``, so every
 tensor the decoder creates is seen through a ``TorchDispatchMode`` (each aten op's outputs
@@ -14,7 +16,9 @@ excluded: regenerating a mask legitimately costs work proportional to ``numel``
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 import struct
 import tracemalloc
 from datetime import timedelta
@@ -27,7 +31,15 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fedsrd_core.codec import SeededSparse, WireFormatError, decode, encode, inspect, quantize
+from fedsrd_core.codec import (
+    SeededSparse,
+    StreamValidator,
+    WireFormatError,
+    decode,
+    encode,
+    inspect,
+    quantize,
+)
 from fedsrd_core.masks import seeded_positions
 from fedsrd_core.sparse import SparseTensor
 
@@ -218,7 +230,9 @@ def mutated(draw: st.DrawFn) -> bytes:
     # st.integers() favours small values and would mostly hit the magic bytes.
     rnd = draw(st.randoms(use_true_random=False))
     for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "u64", "u16", "byte"]))
+        op = draw(
+            st.sampled_from(["flip", "truncate", "insert", "delete", "u64", "u16", "byte", "inf"])
+        )
         at = rnd.randrange(len(data)) if data else 0
         if op == "flip" and data:
             data[at] ^= 1 << rnd.randrange(8)
@@ -230,6 +244,12 @@ def mutated(draw: st.DrawFn) -> bytes:
             del data[at : at + rnd.randrange(1, 17)]
         elif op == "byte" and data:
             data[at] = rnd.randrange(256)
+        elif op == "inf" and len(data) >= 4:
+            # An inf or NaN (fp32 or 16-bit pattern) somewhere, most likely among the values.
+            at = rnd.randrange(len(data) - 3)
+            data[at : at + 4] = rnd.choice(
+                [b"\x00\x00\x80\x7f", b"\x00\x00\xc0\xff", b"\x00\x7c\x00\xfe"]
+            )
         elif op in ("u64", "u16") and len(data) >= 16:
             # Length-like fields live in the headers: overwrite one there with an edge value.
             size = 8 if op == "u64" else 2
@@ -283,3 +303,119 @@ def test_hostile_headers_allocate_nothing() -> None:
         with counter, pytest.raises(WireFormatError, match="truncated"):
             decode(data)
         assert counter.total == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The incremental validator reaches decode's verdict, message included
+
+
+def _outcome(run: Any) -> tuple[str, Any]:
+    try:
+        return "ok", run()
+    except WireFormatError as e:
+        return "error", str(e)
+
+
+def _pieces(data: bytes, rnd: random.Random) -> list[bytes]:
+    """``data`` cut at random places: often tiny pieces, sometimes none at all."""
+    style = rnd.choice(["whole", "small", "any"])
+    if style == "whole" or len(data) < 2:
+        return [data]
+    if style == "small":
+        cuts, at = [], 0
+        while (at := at + rnd.randint(1, 9)) < len(data):
+            cuts.append(at)
+    else:
+        cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.randint(1, 8))))
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def stream_checked(
+    data: bytes,
+    rnd: random.Random,
+    expected: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[str, Any]:
+    """Feed ``data`` in random pieces, size announced and not: decode's outcome (the entries,
+    as inspect describes them, or the message of decode's error), and the allocation bound
+    of decode_checked."""
+    want = _outcome(lambda: (decode(data, expected_shapes=expected, max_numel=MAX_NUMEL), 0)[1])
+    if want[0] == "ok":
+        want = ("ok", inspect(data, max_numel=MAX_NUMEL))
+    try:
+        seeded = any(i.kind == "seeded" for i in inspect(data, max_numel=MAX_NUMEL))
+    except WireFormatError:
+        seeded = False
+    for total in (len(data), None):
+        pieces = _pieces(data, rnd)
+        v = StreamValidator(expected_shapes=expected, max_numel=MAX_NUMEL, total_size=total)
+
+        def run(v: StreamValidator = v, pieces: list[bytes] = pieces) -> Any:
+            for p in pieces:
+                v.feed(p)
+            return v.finish()
+
+        counter = AllocCounter()
+        tracemalloc.start()
+        try:
+            with counter:
+                got = _outcome(run)
+        finally:
+            _, py_peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert got == want, (total, [len(p) for p in pieces])
+        if not seeded:
+            bound = 64 * len(data) + (1 << 20)
+            assert counter.total + py_peak < bound, (counter.total, py_peak, len(data))
+    return want
+
+
+@fuzz(500)
+@given(data=st.binary(max_size=400), rnd=st.randoms(use_true_random=False))
+def test_stream_random_bytes(data: bytes, rnd: random.Random) -> None:
+    stream_checked(data, rnd)
+
+
+@fuzz(500)
+@given(
+    dcode=st.integers(0, 4),
+    n=st.integers(0, 4),
+    rest=st.binary(max_size=400),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_stream_random_bytes_after_valid_prefix(
+    dcode: int, n: int, rest: bytes, rnd: random.Random
+) -> None:
+    stream_checked(struct.pack("<4sHBBI", b"FSRD", 1, dcode, 0, n) + rest, rnd)
+
+
+@fuzz(1500)
+@given(data=mutated(), rnd=st.randoms(use_true_random=False))
+def test_stream_mutated_blobs(data: bytes, rnd: random.Random) -> None:
+    stream_checked(data, rnd)
+
+
+@fuzz(1000)
+@given(data=mutated(), rnd=st.randoms(use_true_random=False))
+def test_stream_mutated_blobs_with_expected_shapes(data: bytes, rnd: random.Random) -> None:
+    stream_checked(data, rnd, expected={"d": (2, 3), "x": (20, 15)})
+
+
+@fuzz(200)
+@given(
+    tensors=entry_sets(),
+    vd=st.sampled_from(["fp32", "bf16", "fp16"]),
+    positions=st.sampled_from(["rice", "bitmap", "index32"]),
+    rnd=st.randoms(use_true_random=False),
+    wrong_shape=st.booleans(),
+)
+def test_stream_random_sets(
+    tensors: dict[str, Any], vd: Any, positions: Any, rnd: random.Random, wrong_shape: bool
+) -> None:
+    data = encode(tensors, value_dtype=vd, positions=positions)
+    expected = {n: tuple(t.shape) for n, t in tensors.items()}
+    if wrong_shape and expected:
+        name = rnd.choice(sorted(expected))
+        expected[name] = (*expected[name], 1)
+    verdict, _ = stream_checked(data, rnd, expected=expected)
+    assert verdict == ("error" if wrong_shape and expected else "ok")
