@@ -499,9 +499,33 @@ class TempFileWriter(BlobWriterBase):
             raise
         # A writer dropped without commit or abort still removes its temp file.
         self._finalizer = weakref.finalize(self, _discard_temp, self._fh, self._tmp_path)
+        self._unsynced = 0  # bytes written since the last background sync began
+        self._syncer: threading.Thread | None = None
+
+    #: Start an ``fdatasync`` of the temp file in a thread each time this many bytes have been
+    #: written since the last one began (None: never). The disk then writes a large upload
+    #: back while the rest streams in, and the commit's fsync, which the rename waits for,
+    #: finds only the tail left. The background syncs only hasten write-back: durability
+    #: still rests on the commit's own fsync.
+    _sync_every: ClassVar[int | None] = None
 
     def _write_raw(self, chunk: BytesLike) -> None:
         self._fh.write(chunk)
+        if self._sync_every is None:
+            return
+        self._unsynced += memoryview(chunk).nbytes
+        if self._unsynced >= self._sync_every and (
+            self._syncer is None or not self._syncer.is_alive()
+        ):
+            self._fh.flush()  # buffered bytes must reach the OS before a sync can see them
+            self._unsynced = 0
+            # The thread syncs (and closes) a descriptor of its own, so nobody waits for it:
+            # the writer may close or discard the file meanwhile (an abort never blocks on
+            # the disk), and the commit's own fsync covers everything.
+            self._syncer = threading.Thread(
+                target=_sync_and_close, args=(_open_for_sync(self._tmp_path), True), daemon=True
+            )
+            self._syncer.start()
 
     def _close_temp(self, fsync: bool) -> None:
         """Flush (and fsync) the temp file and close it; it stays on disk until discarded."""
@@ -526,8 +550,11 @@ class TempFileWriter(BlobWriterBase):
             return
         sync = None
         if self._presync:
-            # os.fsync releases the GIL; an error here comes back from the commit's fsync.
-            sync = threading.Thread(target=_fsync_quietly, args=(self._fh.fileno(),))
+            # os.fsync releases the GIL. On a descriptor of its own (see _sync_and_close), so
+            # that a write-back error is still reported to the commit's fsync.
+            sync = threading.Thread(
+                target=_sync_and_close, args=(_open_for_sync(self._tmp_path), False)
+            )
             sync.start()
         # A read-only map of the temp file: the page cache, not a second copy in the heap.
         try:
@@ -543,12 +570,29 @@ class TempFileWriter(BlobWriterBase):
                     m.close()
         finally:
             if sync is not None:
-                sync.join()  # before the file may be closed or discarded
+                sync.join()  # the thread never outlives the read-back (as before)
 
 
-def _fsync_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.fsync(fd)
+def _open_for_sync(path: str) -> int:
+    """A new descriptor (a new open file description, not a ``dup``) of the temp file, for
+    a sync in a background thread."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
+def _sync_and_close(fd: int, data_only: bool) -> None:
+    """Hasten the write-back of a file through ``fd`` (from :func:`_open_for_sync`), then
+    close it. Errors are ignored here, and not lost: Linux reports a write-back error to
+    every open file description of the file that predates it, so the writer's own
+    descriptor still gets it from the commit's fsync (a ``dup`` shares one description, and
+    a sync through it would consume the error)."""
+    try:
+        with contextlib.suppress(OSError):
+            if data_only and hasattr(os, "fdatasync"):
+                os.fdatasync(fd)
+            else:
+                os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sweep_temp_dir(directory: Path, older_than_seconds: float) -> int:
@@ -575,6 +619,7 @@ class LocalBlobWriter(TempFileWriter):
     """Writes into a unique temp file under ``root/tmp``, renamed into place on commit."""
 
     _presync = True
+    _sync_every = 8 << 20
 
     def __init__(self, store: LocalBlobStore, max_bytes: int | None = None) -> None:
         super().__init__(store.tmp_dir, max_bytes)

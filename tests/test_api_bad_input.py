@@ -337,6 +337,48 @@ def test_bad_uploads_are_refused_and_leave_nothing(api: Api):
     assert (blobs, temps, rows) == (before[0] + 1, 0, before[2] + 1)
 
 
+def test_streamed_uploads_get_the_same_answers_with_or_without_a_length(api: Api):
+    """The body is validated while it streams in, sooner when its length is announced: the
+    answers must not depend on that, nor on how the body is cut (nothing is stored)."""
+    rid, tokens = _launched(api, n=2)
+    agent = FakeAgent(api.agent(rid, tokens[0]), seed=5)
+    agent.apply(agent.poll()["sync"])
+    good = agent.make_update(1)
+    h = {"Authorization": f"Bearer {tokens[0]}"}
+    url = f"/api/v1/agent/runs/{rid}/rounds/1/update?base_round=0&num_samples=3"
+    shapes = _upload_shapes(agent)
+    nan = _with_nan(good)
+    bodies = {
+        "truncated": (good[:-3], None),
+        "trailing": (good + b"\0\0", None),
+        "nan": (nan, None),
+        "nan, wrong sha": (nan, sha(good)),  # the hash is checked first
+        "bf16": (encode({n: torch.zeros(s) for n, s in shapes.items()}, value_dtype="bf16"), None),
+        "missing": (encode({n: torch.zeros(s) for n, s in list(shapes.items())[1:]}), None),
+        "garbage": (b"FSRD" + bytes(100), None),
+    }
+    before = _state_counts(api)
+
+    def pieces(body: bytes, size: int):
+        for i in range(0, len(body), size):
+            yield body[i : i + size]
+
+    for label, (body, digest) in bodies.items():
+        hh = {**h, "X-Content-SHA256": digest or sha(body)}
+        answers = [api.client.put(url, content=body, headers=hh)]
+        for size in (1, 7, 4096):  # no Content-Length: chunked
+            answers.append(api.client.put(url, content=pieces(body, size), headers=hh))
+        first = _err(answers[0], 422)
+        for r in answers[1:]:
+            assert _err(r, 422) == first, label
+    assert _state_counts(api) == before
+    r = api.client.put(
+        url, content=pieces(good, 1000), headers={**h, "X-Content-SHA256": sha(good)}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == len(good)
+
+
 def _upload_shapes(agent: FakeAgent) -> dict[str, tuple[int, int]]:
     from fedsrd_core.snapshot import shape_state
 

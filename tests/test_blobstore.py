@@ -668,11 +668,11 @@ def test_local_read_back_starts_the_fsync_and_commit_still_syncs(
     fsyncs before the rename (durable whatever the thread did), and the data is intact."""
     import api.blobstore as bs
 
-    synced: list[tuple[int, str]] = []
+    synced: list[tuple[int, int, str]] = []
     real = os.fsync
 
     def spy(fd: int) -> None:
-        synced.append((fd, threading.current_thread().name))
+        synced.append((os.fstat(fd).st_ino, fd, threading.current_thread().name))
         real(fd)
 
     monkeypatch.setattr(bs.os, "fsync", spy)
@@ -681,16 +681,70 @@ def test_local_read_back_starts_the_fsync_and_commit_still_syncs(
     with store.writer() as w:
         w.write(data)
         fd = w._fh.fileno()
+        inode = os.fstat(fd).st_ino
         with w.spooled() as view:
             assert bytes(view) == data
-        during = [name for f, name in synced if f == fd]
-        assert during and during[0] != threading.main_thread().name
+        during = [(f, name) for ino, f, name in synced if ino == inode]
+        # In a thread, through a descriptor of its own (so that a write-back error still
+        # reaches the commit's fsync on the writer's descriptor).
+        assert len(during) == 1 and during[0][1] != threading.main_thread().name
+        assert during[0][0] != fd
         ref = w.commit()
-    # The file's own fsyncs come first (the directory fsyncs after the rename may reuse
-    # the closed file's descriptor number).
-    after = [name for f, name in synced if f == fd]
-    assert after[:2] == [during[0], threading.main_thread().name]
+    after = [(f, name) for ino, f, name in synced if ino == inode]
+    assert after[:2] == [during[0], (fd, threading.main_thread().name)]
     assert store.read_bytes(ref.sha256) == data
+
+
+def test_local_writer_syncs_in_the_background_while_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``_sync_every`` bytes an fdatasync of the temp file starts in a thread, on a
+    descriptor of its own; the commit still fsyncs in the caller before the rename; an
+    abort neither waits for a sync in flight nor leaves the file behind."""
+    import api.blobstore as bs
+
+    main = threading.current_thread().name
+    datasyncs: list[tuple[str, int]] = []
+    fsyncs: list[tuple[str, int]] = []
+    real_datasync, real_fsync = os.fdatasync, os.fsync
+    slow = threading.Event()
+
+    def datasync_spy(fd: int) -> None:
+        datasyncs.append((threading.current_thread().name, os.fstat(fd).st_ino))
+        if slow.is_set():
+            time.sleep(0.5)
+        real_datasync(fd)
+
+    def fsync_spy(fd: int) -> None:
+        fsyncs.append((threading.current_thread().name, os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(bs.os, "fdatasync", datasync_spy)
+    monkeypatch.setattr(bs.os, "fsync", fsync_spy)
+    monkeypatch.setattr(bs.LocalBlobWriter, "_sync_every", 1 << 20)
+    store = LocalBlobStore(tmp_path / "b")
+    data = os.urandom(5 << 20)
+    with store.writer() as w:
+        inode = os.fstat(w._fh.fileno()).st_ino
+        for i in range(0, len(data), 1 << 18):
+            w.write(data[i : i + (1 << 18)])
+        syncer = w._syncer
+        ref = w.commit()
+    assert syncer is not None
+    syncer.join()
+    assert datasyncs and all(name != main and ino == inode for name, ino in datasyncs)
+    assert (main, inode) in fsyncs  # the commit's own fsync, before the rename
+    assert store.read_bytes(ref.sha256) == data
+    # An abort while a (slow) sync runs returns at once, and the temp file is gone.
+    slow.set()
+    w = store.writer()
+    w.write(os.urandom(2 << 20))
+    assert w._syncer is not None and w._syncer.is_alive()
+    t0 = time.monotonic()
+    w.abort()
+    assert time.monotonic() - t0 < 0.25
+    assert list(store.tmp_dir.iterdir()) == []
+    w._syncer.join()
 
 
 def test_open_blob_store_file_url(tmp_path: Path) -> None:

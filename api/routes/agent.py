@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from typing import Annotated
 
@@ -28,9 +26,7 @@ from api.services import agent as agent_service
 from api.services import clients as client_service
 from api.services import runs as run_service
 from api.services import updates as update_service
-
-#: Bytes gathered on the event loop before one write in the thread pool.
-_WRITE_BATCH = 1 << 20
+from api.streaming import pump
 
 router = APIRouter(prefix="/api/v1/agent/runs/{run_id}", tags=["agent"])
 me_router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
@@ -140,8 +136,8 @@ async def upload(
     train_loss: Annotated[float | None, Query(allow_inf_nan=False)] = None,
 ) -> UpdateAcceptedOut:
     """Upload the sparse update for round ``number`` (body: the wire-format blob;
-    ``X-Content-SHA256``: its SHA-256). Streams to disk under the run's size cap, checks the
-    hash, decodes and validates it completely, then stores it. An identical retry of an
+    ``X-Content-SHA256``: its SHA-256). Streams to disk under the run's size cap, hashing
+    and validating it completely as it arrives, then stores it. An identical retry of an
     accepted update returns the same answer."""
     pre = await run_in_threadpool(
         update_service.precheck, rt, ident.client_id, number, base_round, x_content_sha256
@@ -149,52 +145,35 @@ async def upload(
     if pre.existing is not None:
         return UpdateAcceptedOut(**pre.existing.__dict__)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > pre.size_cap:
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > pre.size_cap:
         raise TooLarge(f"update of {declared} bytes exceeds this run's cap of {pre.size_cap} bytes")
-    # The event loop only gathers bytes; writing, hashing, decoding and the fsync run in the
-    # thread pool, so one large upload does not stall every other agent's poll. The body
-    # streams to a temporary file (memory stays bounded) and is validated there before it
-    # is committed to the store (renamed into place locally, uploaded to S3).
-    with rt.blobs.writer(max_bytes=pre.size_cap) as writer:
-        # One batch is written (and hashed) in a thread while the next arrives: both cores
-        # work. The writer sees the batches in order; a failure waits for the write in
-        # flight before the writer's context discards the file.
-        pending: asyncio.Future[None] | None = None
-        try:
-            batch = bytearray()
-            received = 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > pre.size_cap:
-                    raise TooLarge(f"update exceeds this run's cap of {pre.size_cap} bytes")
-                batch += chunk
-                if len(batch) >= _WRITE_BATCH:
-                    if pending is not None:
-                        await pending
-                    pending = asyncio.ensure_future(run_in_threadpool(writer.write, batch))
-                    batch = bytearray()
-            if pending is not None:
-                await pending
-                pending = None
-            if batch:
-                await run_in_threadpool(writer.write, batch)
-        finally:
-            if pending is not None and not pending.done():
-                with contextlib.suppress(Exception):
-                    await pending
-        ref = await run_in_threadpool(
-            update_service.validate_and_commit, pre.run, writer, x_content_sha256
+    # The event loop only gathers bytes; writing, hashing, validating and the fsync run in
+    # the thread pool, so one large upload does not stall every other agent's poll. The
+    # body streams to a temporary file (memory stays bounded) and is validated batch by
+    # batch as it arrives; it is committed to the store (renamed into place locally,
+    # uploaded to S3) only once complete and valid.
+    with update_service.UploadSink(rt, pre.run, pre.shapes, pre.size_cap, size) as sink:
+        # The loop fills buffers; one thread writes, hashes and checks them in order while
+        # the next arrive (api.streaming): both cores work. The sink's context discards the
+        # temporary file on any failure.
+        await pump(
+            request.stream(),
+            sink.write,
+            max_bytes=pre.size_cap,
+            too_large=f"update exceeds this run's cap of {pre.size_cap} bytes",
         )
-    accepted = await run_in_threadpool(
-        update_service.record,
-        rt,
-        ident.client_id,
-        number,
-        base_round,
-        num_samples,
-        ref,
-        train_loss,
-    )
+        accepted = await run_in_threadpool(
+            update_service.finish,
+            rt,
+            sink,
+            x_content_sha256,
+            ident.client_id,
+            number,
+            base_round,
+            num_samples,
+            train_loss,
+        )
     return UpdateAcceptedOut(**accepted.__dict__)
 
 

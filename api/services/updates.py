@@ -3,29 +3,33 @@ clients alike (the only writer of ``updates``).
 
 Order of work, so a rejection never leaves anything behind and never holds a lock while
 parsing: (1) cheap checks against the database (run, round, base round, duplicate);
-(2) the blob is streamed to a temporary file with a size cap and hashed; (3) it is fully
-decoded and validated against the run's upload layout (names, shapes, finite values, wire
-dtype); (4) the blob is renamed into the store; (5) one transaction locks the run and round,
-re-checks, inserts the row and applies the closing rule; the aggregation task is sent after
-commit.
+(2) the blob is streamed to a temporary file with a size cap, hashed, and validated against
+the run's upload layout (names, shapes, finite values, wire dtype) as it arrives, batch by
+batch (:class:`UploadSink`), so that little is left to check after the last byte; (3) the
+hash is compared, the validation finished, and the blob is fsynced and renamed into the
+store; (4) one transaction locks the run and round, re-checks, inserts the row and applies
+the closing rule; the aggregation task is sent after commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import Self
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.blobstore import BlobRef, BlobWriter
+from api.blobstore import BlobRef, BlobWriter, BytesLike
 from api.errors import Conflict, Gone, InvalidInput, TooLarge
 from api.models import Client, Round, Run, Update
 from api.runtime import Runtime
 from api.services import clients as client_service
 from api.services import rounds as round_service
 from api.services.states import upload_shapes, upload_size_cap, value_dtype_of
-from fedsrd_core.codec import WireFormatError, decode, inspect
+from fedsrd_core.codec import EntryInfo, StreamValidator, WireFormatError
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,14 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Precheck:
-    """What the cheap checks found: ``existing`` is set for an already accepted update."""
+    """What the cheap checks found: ``existing`` is set for an already accepted update;
+    ``shapes`` is what the upload must carry (names and shapes)."""
 
     run: Run
     round_id: int
     size_cap: int
     existing: Accepted | None
+    shapes: dict[str, tuple[int, ...]]
 
 
 def _accepted(u: Update, rnd: Round) -> Accepted:
@@ -102,44 +108,132 @@ def precheck(rt: Runtime, client_id: int, number: int, base_round: int, sha256: 
         client = s.get(Client, client_id)
         assert client is not None
         run, rnd, existing = _check(s, client, number, base_round, sha256)
-        return Precheck(run, rnd.id, upload_size_cap(run), existing)
+        return Precheck(run, rnd.id, upload_size_cap(run), existing, upload_shapes(run))
 
 
-def validate_blob(run: Run, data: bytes | bytearray | memoryview) -> None:
-    """Decode ``data`` completely against the run's upload layout; 422 naming the problem."""
-    want_vd = value_dtype_of(run)
-    try:
-        infos = inspect(data)
-        for info in infos:
-            if info.value_dtype != want_vd:
-                raise InvalidInput(
-                    f"tensor {info.name!r}: values are {info.value_dtype}, this run uses {want_vd}"
-                )
-        decode(data, expected_shapes=upload_shapes(run))
-    except WireFormatError as e:
-        raise InvalidInput(f"invalid update blob: {e}") from e
+def _check_value_dtype(want: str, infos: list[EntryInfo]) -> None:
+    """The run fixes the wire dtype of its uploads (one per blob; named with its first entry)."""
+    for info in infos:
+        if info.value_dtype != want:
+            raise InvalidInput(
+                f"tensor {info.name!r}: values are {info.value_dtype}, this run uses {want}"
+            )
 
 
-def validate_and_commit(run: Run, writer: BlobWriter, sha256: str) -> BlobRef:
-    """Check the streamed body against its declared SHA-256 and the run's upload layout,
-    then commit it (complete in the store before any row names it: fsynced and renamed
-    into place locally, uploaded whole to S3). On any failure the writer's context discards
-    the temporary file."""
-    if writer.sha256 != sha256:
-        raise InvalidInput(
-            f"X-Content-SHA256 is {sha256} but the body's SHA-256 is {writer.sha256} "
-            f"({writer.size} bytes received)"
+class UploadSink:
+    """One update's body on its way into the blob store: each batch is written to the
+    store's temporary file, hashed, and checked against the run's upload layout
+    (:class:`~fedsrd_core.codec.StreamValidator`: exactly what a full decode checks) as it
+    arrives. When the last byte is in, only the last entry's check, the hash comparison and
+    the rest of the fsync are left, instead of decoding the whole blob again.
+
+    Use it as a context manager; leaving the block without :meth:`commit` (an exception
+    included) discards the temporary file, so nothing is ever half-stored. :meth:`write`
+    and :meth:`commit` block (disk, hashing, decoding): call them from the thread pool,
+    one at a time and in order.
+
+    Args:
+        rt: the runtime (its blob store takes the body).
+        run: the run whose wire dtype the body must use.
+        shapes: the names and shapes the body must carry (:func:`upload_shapes`).
+        size_cap: the most bytes accepted (past it the store's writer refuses).
+        declared_size: the body's announced length (Content-Length), if any: with it, an
+            invalid blob is recognised as soon as its first bad section is in, and from then
+            on the body is only stored and hashed (the error is reported after the hash,
+            as before).
+    """
+
+    def __init__(
+        self,
+        rt: Runtime,
+        run: Run,
+        shapes: dict[str, tuple[int, ...]],
+        size_cap: int | None,
+        declared_size: int | None = None,
+    ) -> None:
+        self._declared = declared_size
+        self._validator = StreamValidator(
+            expected_shapes=shapes,
+            total_size=declared_size,
+            check_headers=partial(_check_value_dtype, value_dtype_of(run)),
         )
-    with writer.spooled() as view:
-        validate_blob(run, view)
-    return writer.commit(sha256)
+        self._error: InvalidInput | None = None
+        self._writer: BlobWriter = rt.blobs.writer(max_bytes=size_cap)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._writer.abort()  # a no-op after commit
+
+    def write(self, batch: BytesLike) -> None:
+        """Store, hash and check the body's next bytes."""
+        self._writer.write(batch)
+        if self._error is not None:
+            return  # already invalid: keep storing and hashing only
+        if self._declared is not None and self._writer.size > self._declared:
+            self._error = InvalidInput(
+                f"the body is longer than its Content-Length of {self._declared} bytes"
+            )
+            return
+        try:
+            self._validator.feed(batch)
+        except WireFormatError as e:
+            self._error = InvalidInput(f"invalid update blob: {e}")
+        except InvalidInput as e:
+            self._error = e
+
+    def commit(self, sha256: str) -> BlobRef:
+        """Check the body against its declared SHA-256 (first, as a client's first concern
+        is whether its bytes arrived intact), then against the run's layout, then make it
+        durable in the store (complete before any row names it: fsynced and renamed into
+        place locally, uploaded whole to S3). Raises InvalidInput (422) naming the problem."""
+        writer = self._writer
+        if writer.sha256 != sha256:
+            raise InvalidInput(
+                f"X-Content-SHA256 is {sha256} but the body's SHA-256 is {writer.sha256} "
+                f"({writer.size} bytes received)"
+            )
+        if self._error is None and self._declared is not None and writer.size != self._declared:
+            self._error = InvalidInput(
+                f"the body has {writer.size} bytes, its Content-Length said {self._declared}"
+            )
+        if self._error is not None:
+            raise self._error
+        try:
+            self._validator.finish()
+        except WireFormatError as e:
+            raise InvalidInput(f"invalid update blob: {e}") from e
+        return writer.commit(sha256)
 
 
 def store(rt: Runtime, run: Run, data: bytes, sha256: str) -> BlobRef:
-    """:func:`validate_and_commit` for a body already in memory (simulated clients)."""
-    with rt.blobs.writer() as writer:
-        writer.write(data)
-        return validate_and_commit(run, writer, sha256)
+    """Validate and commit a body already in memory (simulated clients): the same checks
+    and the same store as an HTTP upload."""
+    with UploadSink(rt, run, upload_shapes(run), None, len(data)) as sink:
+        sink.write(data)
+        return sink.commit(sha256)
+
+
+def finish(
+    rt: Runtime,
+    sink: UploadSink,
+    sha256: str,
+    client_id: int,
+    number: int,
+    base_round: int,
+    num_samples: int,
+    train_loss: float | None = None,
+) -> Accepted:
+    """The end of a streamed upload, in one trip to the thread pool: commit the blob
+    (:meth:`UploadSink.commit`), then record it (:func:`record`)."""
+    ref = sink.commit(sha256)
+    return record(rt, client_id, number, base_round, num_samples, ref, train_loss)
 
 
 def record(
