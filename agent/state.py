@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsrd_core.snapshot import decode_snapshot, encode_snapshot
+from fedsrd_core.snapshot import decode_snapshot, snapshot_pieces
 from fedsrd_core.state import GlobalState, state_digest
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or pieces written in order) durably."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        for piece in (data,) if isinstance(data, bytes) else data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -89,7 +92,7 @@ class StateDir:
     def save(self, st: AgentState, factors: GlobalState | None = None) -> None:
         """Persist; ``factors`` (if given) is the global state of ``st.have_round``."""
         if factors is not None:
-            _atomic_write(self.path / "state.blob", encode_snapshot(factors))
+            _atomic_write(self.path / "state.blob", snapshot_pieces(factors))
         _atomic_write(self._json, json.dumps(asdict(st), indent=1).encode())
 
     def save_pending(self, blob: bytes) -> None:

@@ -527,7 +527,7 @@ def encode(
     rounded to ``value_dtype`` exactly as :func:`quantize` does.
 
     Returns:
-        The blob.
+        The blob: the pieces of :func:`encode_pieces` joined (one copy).
 
     Raises:
         ValueError: invalid input (never :class:`WireFormatError`): unknown ``value_dtype``
@@ -537,6 +537,24 @@ def encode(
             (index32) not below ``2**32``; a :class:`SeededSparse` whose value count differs
             from its mask's kept count; 2**32 entries or more.
         TypeError: an entry that is none of the three supported types.
+    """
+    return b"".join(encode_pieces(tensors, value_dtype=value_dtype, positions=positions))
+
+
+def encode_pieces(
+    tensors: Mapping[str, torch.Tensor | SparseTensor | SeededSparse],
+    *,
+    value_dtype: ValueDType = "fp32",
+    positions: PositionEncoding = "rice",
+) -> list[memoryview]:
+    """The blob :func:`encode` returns, as pieces in order (header, then each entry's
+    sections), not joined: write them one by one to a file or a blob writer and the blob
+    never exists whole in memory.
+
+    Every check of :func:`encode` (and every error it raises) runs before this returns, so
+    a caller that writes the pieces never starts a blob that turns out to be invalid. A
+    float32 dense entry's piece is a view of the caller's tensor, not a copy (other pieces
+    are new buffers): write the pieces before changing those tensors.
     """
     vd = _check_value_dtype(value_dtype)
     if positions not in _POSITION_CODE:
@@ -612,19 +630,9 @@ def encode(
         sections.append(parts)
 
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODE[vd], 0, len(headers))
-    head = prefix + b"".join(headers)
-    total = len(head) + sum(p.numel() for parts in sections for p in parts)
-    out = bytearray(total)
-    out[: len(head)] = head
-    # Write the sections straight into the output buffer through a uint8 view of it (no
-    # numpy, no intermediate bytes objects).
-    view = torch.frombuffer(out, dtype=torch.uint8)
-    at = len(head)
-    for parts in sections:
-        for p in parts:
-            view[at : at + p.numel()].copy_(p)
-            at += p.numel()
-    return bytes(out)
+    pieces = [memoryview(prefix + b"".join(headers))]
+    pieces += [p.numpy().data for parts in sections for p in parts if p.numel()]
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------

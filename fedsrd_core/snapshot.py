@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsrd_core.codec import WireFormatError, decode, encode, inspect
+from fedsrd_core.codec import WireFormatError, decode, encode, encode_pieces, inspect
 from fedsrd_core.sparse import SparseTensor
 from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, LoraFactors
 
@@ -27,15 +27,28 @@ def snapshot_shapes(layout: Mapping[str, tuple[int, int]], rank: int) -> dict[st
     return shapes
 
 
-def encode_snapshot(state: GlobalState) -> bytes:
-    """The state as a blob of dense float32 tensors ``<module>.lora_A`` (r x d_in) and
-    ``<module>.lora_B`` (d_out x r), in sorted module order."""
+def snapshot_tensors(state: GlobalState) -> dict[str, torch.Tensor]:
+    """The entries of the state's snapshot: dense float32 ``<module>.lora_A`` (r x d_in) and
+    ``<module>.lora_B`` (d_out x r), in sorted module order (CPU float32 factors are not
+    copied)."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(state):
         f = state[name]
         tensors[name + A_SUFFIX] = f.A.detach().to("cpu", torch.float32)
         tensors[name + B_SUFFIX] = f.B.detach().to("cpu", torch.float32)
-    return encode(tensors, value_dtype="fp32")
+    return tensors
+
+
+def encode_snapshot(state: GlobalState) -> bytes:
+    """The state as one snapshot blob (:func:`snapshot_tensors`, float32 values)."""
+    return encode(snapshot_tensors(state), value_dtype="fp32")
+
+
+def snapshot_pieces(state: GlobalState) -> list[memoryview]:
+    """The blob of :func:`encode_snapshot` in pieces (:func:`fedsrd_core.codec.encode_pieces`):
+    the header, then views of the state's own factors. Write them before changing the state;
+    the blob is never assembled in memory."""
+    return encode_pieces(snapshot_tensors(state), value_dtype="fp32")
 
 
 def decode_snapshot(

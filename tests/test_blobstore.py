@@ -351,6 +351,46 @@ def test_mismatch_does_not_touch_an_existing_blob(store: BlobStore) -> None:
     assert store.read_bytes(ref.sha256) == b"kept"
 
 
+def test_put_pieces_stores_the_concatenation(store: BlobStore) -> None:
+    data = payload(3 * (1 << 20) + 5, seed=9)
+    pieces = [data[:10], memoryview(data)[10 : 1 << 20], bytearray(data[1 << 20 :])]
+    ref = store.put_pieces(pieces)
+    assert ref.sha256 == sha(data) and ref.size == len(data)
+    assert store.read_bytes(ref.sha256) == data
+    assert store.put_pieces([data], expected_sha256=sha(data)) == ref  # idempotent
+    with pytest.raises(BlobHashMismatch):
+        store.put_pieces([data, b"!"], expected_sha256=sha(data))
+
+
+def test_put_pieces_stores_nothing_when_the_pieces_fail(harness: Harness) -> None:
+    def pieces() -> Iterator[bytes]:
+        yield b"the first half of a snapshot"
+        raise RuntimeError("encoder failed")
+
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        harness.store.put_pieces(pieces())
+    assert harness.temp_items() == []
+    assert not harness.store.exists(sha(b"the first half of a snapshot"))
+
+
+@pytest.mark.parametrize("n", [0, 1, 4097, 3 * (1 << 20) + 17])
+def test_mapped_is_the_blob(store: BlobStore, n: int) -> None:
+    data = payload(n, seed=n)
+    ref = store.put_bytes(data)
+    with store.mapped(ref.sha256) as view:
+        assert view.readonly and view.nbytes == n
+        assert bytes(view) == data
+
+    # A slice that outlives the block (a traceback holding one) does not turn into an error.
+    def decode_and_fail() -> None:
+        with store.mapped(ref.sha256) as view:
+            kept = view[:1]  # noqa: F841 - alive while the block exits
+            raise KeyError("decoding failed")
+
+    with pytest.raises(KeyError, match="decoding failed"):
+        decode_and_fail()
+
+
 def test_exception_inside_context_aborts(harness: Harness) -> None:
     store = harness.store
     writers = []
@@ -435,6 +475,8 @@ KEYED_CALLS: dict[str, Callable[[BlobStore, str], Any]] = {
     "delete": lambda s, k: s.delete(k),
     "local_path": lambda s, k: s.local_path(k),
     "put_bytes(expected)": lambda s, k: s.put_bytes(b"x", expected_sha256=k),
+    "put_pieces(expected)": lambda s, k: s.put_pieces([b"x"], expected_sha256=k),
+    "mapped": lambda s, k: s.mapped(k).__enter__(),
 }
 
 
@@ -470,7 +512,13 @@ def test_invalid_keys_rejected_everywhere(harness: Harness, call: str, key: str)
 def test_missing_blob(store: BlobStore) -> None:
     missing = sha(b"never stored")
     assert not store.exists(missing)
-    for call in (store.size, store.read_bytes, store.open, store.iter_chunks):
+    for call in (
+        store.size,
+        store.read_bytes,
+        store.open,
+        store.iter_chunks,
+        lambda k: store.mapped(k).__enter__(),
+    ):
         with pytest.raises(BlobNotFound) as info:
             call(missing)
         assert info.value.sha == missing and missing in str(info.value)

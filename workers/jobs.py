@@ -34,7 +34,7 @@ from api.services.states import (
 )
 from fedsrd_core.codec import LazyBlob, encode
 from fedsrd_core.data import Example, generate, partition_dirichlet, partition_iid
-from fedsrd_core.snapshot import decode_global_delta, encode_snapshot
+from fedsrd_core.snapshot import decode_global_delta, snapshot_pieces
 from fedsrd_core.state import state_digest
 from fedsrd_core.strategies import RoundContext, Upload
 from fedsrd_core.training import (
@@ -103,7 +103,8 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
     digest = state_digest(state)
     t_store = time.perf_counter()
     delta_ref = rt.blobs.put_bytes(down)
-    snap_ref = rt.blobs.put_bytes(encode_snapshot(state))
+    # Written piece by piece from the state's own factors: never a second copy in memory.
+    snap_ref = rt.blobs.put_pieces(snapshot_pieces(state))
     t_end = time.perf_counter()
     losses = [u.train_loss for u in updates if u.train_loss is not None]
     metrics: dict[str, Any] = {

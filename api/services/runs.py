@@ -17,7 +17,7 @@ from api.services import rounds as round_service
 from api.services.states import layout_of, rank_of
 from fedsrd_core.export import adapter_layout_for
 from fedsrd_core.modeling import ModelLoadError, fingerprint_directory
-from fedsrd_core.snapshot import encode_snapshot
+from fedsrd_core.snapshot import snapshot_pieces
 from fedsrd_core.state import init_state, state_digest
 
 TINY = "tiny"
@@ -128,7 +128,7 @@ def launch(rt: Runtime, run_id: int) -> Run:
     if run.status != "created":
         raise Conflict(f"run {run_id} is {run.status}; only a created run can be launched")
     state = init_state(layout_of(run), rank_of(run), seed=int(run.config["seed"]))
-    blob = rt.blobs.put_bytes(encode_snapshot(state))  # complete before the row names it
+    blob = rt.blobs.put_pieces(snapshot_pieces(state))  # complete before the row names it
     digest = state_digest(state)
     with rt.transaction() as tx:
         locked = round_service.lock_run(tx.session, run_id)

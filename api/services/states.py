@@ -75,4 +75,7 @@ def load_state(rt: Runtime, run: Run, round_number: int) -> GlobalState:
     found = snapshot_blob(run, round_number)
     if found is None:
         raise LookupError(f"run {run.id} has no state for round {round_number}")
-    return decode_snapshot(rt.blobs.read_bytes(found[0]), layout_of(run), rank_of(run))
+    # Decoded from the store's view of the blob (a mapped file where blobs are local): the
+    # decoded factors are the only copy this process holds.
+    with rt.blobs.mapped(found[0]) as view:
+        return decode_snapshot(view, layout_of(run), rank_of(run))
