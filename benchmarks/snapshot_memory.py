@@ -1,10 +1,17 @@
-"""What storing and loading a round's snapshot costs a worker: memory and time, two ways.
+"""What a worker's aggregation round costs in memory, and its snapshot I/O, two ways each.
 
     python benchmarks/snapshot_memory.py           # Llama-3.2-3B, r=64 (389 MB of factors)
     python benchmarks/snapshot_memory.py --quick   # 2 layers of the same shapes
 
 Every round the aggregation worker loads the previous round's snapshot (the whole global
-state) from the blob store and stores the new one. Side by side, in one run:
+state) from the blob store, runs the server step on the clients' uploads, and stores the
+global delta and the new snapshot. Side by side, in one run:
+
+* **round**: the whole aggregation as the worker did it before (``load_state`` by
+  ``read_bytes`` + ``decode_snapshot``, ``strategy.server_round`` on the whole state,
+  encode and apply the delta, ``state_digest``, ``put_bytes`` of the delta and of
+  ``encode_snapshot``) against ``fedsrd_core.server.stream_server_round`` from
+  ``store.mapped`` into a blob writer (what it does now), on 4 real FedSRD uploads (round 2);
 
 * **whole blob** (how the worker did it before): ``decode_snapshot(store.read_bytes(sha))``
   and ``store.put_bytes(encode_snapshot(state))``, the blob held in memory as ``bytes``;
@@ -16,8 +23,9 @@ Each case runs in a fresh process with a fixed mmap threshold (``_common.MEMORY_
 that samples its anonymous resident memory (``RssAnon``: what the process owns; a mapped
 file's pages are the page cache's and can be dropped) and its total RSS every 2 ms. Figures
 are increases over the process's baseline: for "store", with the state already in memory;
-for "load", from nothing. Times are the min of ``--repeats`` in-process runs, measured
-separately from the memory probe.
+for "load", from nothing; for "round", from a process holding the coded uploads. Times are
+the min of ``--repeats`` in-process runs (one for "round"), measured apart from the memory
+probes; both rounds must produce the same delta, snapshot and digest.
 """
 
 from __future__ import annotations
@@ -38,8 +46,19 @@ from typing import Any
 import _common as c
 
 from api.blobstore import LocalBlobStore
-from fedsrd_core.snapshot import decode_snapshot, encode_snapshot, snapshot_pieces
+from fedsrd_core.codec import LazyBlob, encode
+from fedsrd_core.server import stream_server_round
+from fedsrd_core.snapshot import (
+    decode_global_delta,
+    decode_snapshot,
+    encode_snapshot,
+    snapshot_pieces,
+)
 from fedsrd_core.state import GlobalState, state_digest
+from fedsrd_core.strategies import RoundContext, Upload, get_strategy
+
+CLIENTS = 4
+ROUND = RoundContext(round=2, seed=1)
 
 RANK = 64
 
@@ -100,6 +119,47 @@ def store_pieces(store: LocalBlobStore, state: GlobalState) -> str:
     return store.put_pieces(snapshot_pieces(state)).sha256
 
 
+def round_whole(
+    store: LocalBlobStore, sha: str, layout: dict[str, tuple[int, int]], uploads: list[Upload]
+) -> tuple[str, str, str]:
+    strategy = get_strategy("fedsrd")
+    state = load_whole(store, sha, layout)
+    down = encode(strategy.server_round(state, uploads, ROUND))
+    strategy.apply_global(state, decode_global_delta(down, layout, RANK))
+    digest = state_digest(state)
+    delta = store.put_bytes(down).sha256
+    return delta, store.put_bytes(encode_snapshot(state)).sha256, digest
+
+
+def round_streamed(
+    store: LocalBlobStore, sha: str, layout: dict[str, tuple[int, int]], uploads: list[Upload]
+) -> tuple[str, str, str]:
+    strategy = get_strategy("fedsrd")
+    with store.mapped(sha) as view, store.writer() as w:
+        done = stream_server_round(strategy, view, layout, RANK, uploads, ROUND, w.write)
+        snap = w.commit().sha256
+    return store.put_bytes(done.delta_blob).sha256, snap, done.digest
+
+
+ROUNDS = {"whole": round_whole, "streamed": round_streamed}
+
+
+def read_uploads(store: LocalBlobStore, shas: list[str]) -> list[Upload]:
+    """The round's uploads as the worker holds them: coded blobs, decoded lazily."""
+    return [Upload(LazyBlob(store.read_bytes(s))) for s in shas]
+
+
+def make_uploads(store: LocalBlobStore, start: GlobalState) -> list[str]:
+    """Real FedSRD client uploads (importance + adaptive ratio) from simulated training."""
+    strategy = get_strategy("fedsrd")
+    shas = []
+    for i in range(CLIENTS):
+        trained = c.trained_copy(start, seed=100 + i)
+        tensors = strategy.client_upload(start, trained, RoundContext(round=1), client_seed=i)
+        shas.append(store.put_bytes(encode(tensors)).sha256)
+    return shas
+
+
 LOADERS: dict[str, Callable[[LocalBlobStore, str, dict[str, tuple[int, int]]], GlobalState]] = {
     "whole": load_whole,
     "pieces": load_pieces,
@@ -119,6 +179,11 @@ def probe(args: argparse.Namespace) -> None:
         with peak_memory() as mem:
             state = LOADERS[way](store, args.sha, layout)
         assert state_digest(state) == args.digest
+    elif op == "round":
+        uploads = read_uploads(store, args.uploads.split(","))
+        with peak_memory() as mem:
+            got = ROUNDS[way](store, args.sha, layout, uploads)
+        assert ",".join(got) == args.digest
     else:
         state = c.started_state(layout, RANK)
         with peak_memory() as mem:
@@ -127,9 +192,12 @@ def probe(args: argparse.Namespace) -> None:
     print(json.dumps(mem))
 
 
-def run_probe(args: argparse.Namespace, which: str, store: Path, sha: str, digest: str) -> Any:
+def run_probe(
+    args: argparse.Namespace, which: str, store: Path, sha: str, digest: str, uploads: list[str]
+) -> Any:
     cmd = [sys.executable, __file__, "--probe", which, "--store", str(store), "--sha", sha]
-    cmd += ["--digest", digest] + (["--quick"] if args.quick else [])
+    cmd += ["--digest", digest, "--uploads", ",".join(uploads)]
+    cmd += ["--quick"] if args.quick else []
     proc = subprocess.run(
         cmd, env={**os.environ, **c.MEMORY_PROBE_ENV}, capture_output=True, text=True, check=True
     )
@@ -146,6 +214,7 @@ def main() -> None:
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--sha", help=argparse.SUPPRESS)
     ap.add_argument("--digest", help=argparse.SUPPRESS)
+    ap.add_argument("--uploads", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         probe(args)
@@ -170,9 +239,21 @@ def main() -> None:
             assert state_digest(loaded) == digest
             del loaded
             results[f"load_{way}"] = {"seconds": round(secs, 4)}
+        shas = make_uploads(store, state)
+        upload_mib = sum(store.size(u) for u in shas) / c.MIB
+        c.log(f"{CLIENTS} uploads, {upload_mib:.1f} MiB coded")
+        outputs = {}
+        for way in ("whole", "streamed"):
+            uploads = read_uploads(store, shas)
+            secs, got = c.best_of(lambda w=way, u=uploads: ROUNDS[w](store, sha, layout, u), 1)
+            results[f"round_{way}"] = {"seconds": round(secs, 4)}
+            outputs[way] = ",".join(got)
+        if outputs["whole"] != outputs["streamed"]:
+            raise RuntimeError(f"the two rounds disagree: {outputs}")
         for key in results:
             op, way = key.split("_")
-            results[key].update(run_probe(args, f"{op}:{way}", store.root, sha, digest))
+            expect = outputs["whole"] if op == "round" else digest
+            results[key].update(run_probe(args, f"{op}:{way}", store.root, sha, expect, shas))
             c.log(f"{key}: {results[key]}")
 
     summary: dict[str, Any] = {
@@ -181,14 +262,17 @@ def main() -> None:
         "rank": RANK,
         "modules": len(layout),
         "snapshot_mib": round(size / c.MIB, 1),
+        "uploads_mib": round(upload_mib, 1),
+        "round_outputs_identical": True,
         "results": results,
         "note": "anon_mib: peak RssAnon increase (private memory); rss_mib includes mapped "
-        "file pages; store: over a process already holding the state; load: from nothing",
+        "file pages; store: over a process already holding the state; load: from nothing; "
+        "round: over a process holding the coded uploads; new = pieces / streamed",
     }
-    for op in ("store", "load"):
-        whole, pieces = results[f"{op}_whole"], results[f"{op}_pieces"]
-        summary[f"{op}_anon_pieces_over_whole"] = round(pieces["anon_mib"] / whole["anon_mib"], 3)
-        summary[f"{op}_time_pieces_over_whole"] = round(pieces["seconds"] / whole["seconds"], 3)
+    for op, new_way in (("store", "pieces"), ("load", "pieces"), ("round", "streamed")):
+        whole, pieces = results[f"{op}_whole"], results[f"{op}_{new_way}"]
+        summary[f"{op}_anon_new_over_whole"] = round(pieces["anon_mib"] / whole["anon_mib"], 3)
+        summary[f"{op}_time_new_over_whole"] = round(pieces["seconds"] / whole["seconds"], 3)
     c.emit(summary)
 
 

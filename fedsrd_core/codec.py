@@ -58,7 +58,9 @@ __all__ = [
     "ValueDType",
     "WireFormatError",
     "decode",
+    "dense_header",
     "encode",
+    "encode_pieces",
     "inspect",
     "position_bits",
     "position_floor_bits",
@@ -509,6 +511,42 @@ def _check_positions(idx: torch.Tensor, numel: int, name: str) -> None:
             raise ValueError(f"tensor {name!r}: positions not strictly increasing at index {i}")
 
 
+def _entry_header(
+    raw_name: bytes, shape: tuple[int, ...], enc: int, count: int, extra: bytes, section_len: int
+) -> bytes:
+    return (
+        struct.pack("<H", len(raw_name))
+        + raw_name
+        + struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
+        + struct.pack("<BQ", enc, count)
+        + extra
+        + struct.pack("<Q", section_len)
+    )
+
+
+def dense_header(
+    shapes: Mapping[str, tuple[int, ...]], *, value_dtype: ValueDType = "fp32"
+) -> bytes:
+    """The header :func:`encode` writes for dense tensors of these names and shapes, in this
+    order. Followed by each tensor's values (row-major, little-endian ``value_dtype``), in
+    the same order, it is exactly ``encode`` of those tensors: a writer can stream a large
+    dense blob (a snapshot) without having every tensor at hand at once.
+
+    Raises:
+        ValueError: as :func:`encode` for a bad name, shape or ``value_dtype``.
+    """
+    vd = _check_value_dtype(value_dtype)
+    if len(shapes) >= _U32_LIMIT:
+        raise ValueError("at most 2**32 - 1 tensors per blob")
+    size = _VALUE_SIZE[vd]
+    headers = []
+    for name, shape in shapes.items():
+        checked = _check_shape(tuple(shape), f"tensor {name!r}")
+        n = math.prod(checked)
+        headers.append(_entry_header(_encode_name(name), checked, _ENC_DENSE, n, b"", n * size))
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODE[vd], 0, len(headers)) + b"".join(headers)
+
+
 def encode(
     tensors: Mapping[str, torch.Tensor | SparseTensor | SeededSparse],
     *,
@@ -619,14 +657,7 @@ def encode_pieces(
                 f"{type(t).__name__}"
             )
         section_len = sum(p.numel() for p in parts)
-        headers.append(
-            struct.pack("<H", len(raw_name))
-            + raw_name
-            + struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
-            + struct.pack("<BQ", enc, vals.numel())
-            + extra
-            + struct.pack("<Q", section_len)
-        )
+        headers.append(_entry_header(raw_name, shape, enc, vals.numel(), extra, section_len))
         sections.append(parts)
 
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODE[vd], 0, len(headers))

@@ -185,11 +185,30 @@ def state_digest(state: GlobalState) -> str:
     each), then the float32 values in row-major order, little-endian. It prefixes the whole
     with ``b"fedsrd-state-v1"``. Tensors on any device hash the same.
     """
-    h = hashlib.sha256(b"fedsrd-state-v1")
+    hasher = StateHasher()
     for module, f in state.items():
+        hasher.add(module, f)
+    return hasher.hexdigest()
+
+
+class StateHasher:
+    """:func:`state_digest` one module at a time: ``add`` every module in sorted name order,
+    then ``hexdigest`` equals ``state_digest`` of the whole state (for a server that never
+    holds the whole state)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(b"fedsrd-state-v1")
+        self._last: str | None = None
+
+    def add(self, module: str, f: LoraFactors) -> None:
+        if self._last is not None and module <= self._last:
+            raise ValueError(f"modules must come in sorted order: {module!r} after {self._last!r}")
+        self._last = module
         for suffix, t in ((A_SUFFIX, f.A), (B_SUFFIX, f.B)):
             name = (module + suffix).encode("utf-8")
-            h.update(struct.pack("<I", len(name)) + name)
-            h.update(struct.pack("<II", *t.shape))
-            h.update(_le_bytes(t))
-    return h.hexdigest()
+            self._h.update(struct.pack("<I", len(name)) + name)
+            self._h.update(struct.pack("<II", *t.shape))
+            self._h.update(_le_bytes(t))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()

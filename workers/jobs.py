@@ -28,14 +28,14 @@ from api.services.states import (
     layout_of,
     load_state,
     rank_of,
+    snapshot_sha,
     strategy_of,
     upload_shapes,
     value_dtype_of,
 )
 from fedsrd_core.codec import LazyBlob, encode
 from fedsrd_core.data import Example, generate, partition_dirichlet, partition_iid
-from fedsrd_core.snapshot import decode_global_delta, snapshot_pieces
-from fedsrd_core.state import state_digest
+from fedsrd_core.server import stream_server_round
 from fedsrd_core.strategies import RoundContext, Upload
 from fedsrd_core.training import (
     TrainConfig,
@@ -80,7 +80,7 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
             s.scalars(select(Update).where(Update.round_id == rnd.id).order_by(Update.client_id))
         )
         number = rnd.number
-        state = load_state(rt, run, number - 1)  # a failure fails the run (aggregate_round)
+        previous = snapshot_sha(run, number - 1)  # a failure fails the run (aggregate_round)
         strategy = strategy_of(run)
         shapes = upload_shapes(run)
         vd = value_dtype_of(run)
@@ -96,15 +96,15 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
     ]
     t_server = time.perf_counter()
     ctx = RoundContext(round=number, seed=seed, value_dtype=vd)
-    delta = strategy.server_round(state, uploads, ctx)
-    down = encode(delta, value_dtype=vd)
-    # Apply what clients apply: the decoded blob, so server and clients stay bit-identical.
-    strategy.apply_global(state, decode_global_delta(down, layout, rank))
-    digest = state_digest(state)
-    t_store = time.perf_counter()
-    delta_ref = rt.blobs.put_bytes(down)
-    # Written piece by piece from the state's own factors: never a second copy in memory.
-    snap_ref = rt.blobs.put_pieces(snapshot_pieces(state))
+    # Module by module from the previous snapshot (a mapped file for a local store) into the
+    # new one's writer: the worker never holds the whole state. The delta applied is the
+    # encoded and decoded one, what clients apply, so both sides stay bit-identical.
+    with rt.blobs.mapped(previous) as view, rt.blobs.writer() as w:
+        done = stream_server_round(strategy, view, layout, rank, uploads, ctx, w.write)
+        t_store = time.perf_counter()
+        snap_ref = w.commit()
+    delta_ref = rt.blobs.put_bytes(done.delta_blob)
+    digest = done.digest
     t_end = time.perf_counter()
     losses = [u.train_loss for u in updates if u.train_loss is not None]
     metrics: dict[str, Any] = {
@@ -115,10 +115,10 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
         "num_samples": sum(u.num_samples for u in updates),
         "train_loss": sum(losses) / len(losses) if losses else None,
         "durations": {
-            "load_state_s": t_decode - t0,
+            "load_state_s": t_decode - t0,  # the rows; the state is read as it streams
             "read_uploads_s": t_server - t_decode,  # read and parse; decoding is lazy
-            "server_step_s": t_store - t_server,
-            "store_s": t_end - t_store,
+            "server_step_s": t_store - t_server,  # incl. reading and writing the snapshot
+            "store_s": t_end - t_store,  # its commit (fsync, rename) and the delta's
             "aggregate_s": t_end - t0,
         },
     }

@@ -70,12 +70,18 @@ def snapshot_blob(run: Run, round_number: int) -> tuple[str, str] | None:
     return None
 
 
-def load_state(rt: Runtime, run: Run, round_number: int) -> GlobalState:
-    """The global state after ``round_number``, decoded from its snapshot blob."""
+def snapshot_sha(run: Run, round_number: int) -> str:
+    """The snapshot blob of the state after ``round_number``; LookupError if there is none."""
     found = snapshot_blob(run, round_number)
     if found is None:
         raise LookupError(f"run {run.id} has no state for round {round_number}")
+    return found[0]
+
+
+def load_state(rt: Runtime, run: Run, round_number: int) -> GlobalState:
+    """The global state after ``round_number``, decoded from its snapshot blob."""
+    sha = snapshot_sha(run, round_number)
     # Decoded from the store's view of the blob (a mapped file where blobs are local): the
     # decoded factors are the only copy this process holds.
-    with rt.blobs.mapped(found[0]) as view:
+    with rt.blobs.mapped(sha) as view:
         return decode_snapshot(view, layout_of(run), rank_of(run))
