@@ -75,6 +75,7 @@ __all__ = [
     "LocalBlobWriter",
     "TempFileWriter",
     "is_sha256_hex",
+    "map_file",
     "open_blob_store",
     "sweep_temp_dir",
 ]
@@ -612,6 +613,25 @@ def _sync_and_close(fd: int, data_only: bool) -> None:
         os.close(fd)
 
 
+@contextmanager
+def map_file(fh: BinaryIO) -> Iterator[memoryview]:
+    """A read-only view of the whole open file ``fh`` (mapped; closed with the block)."""
+    with fh:
+        if os.fstat(fh.fileno()).st_size == 0:  # an empty file cannot be mapped
+            yield memoryview(b"")
+            return
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mm)
+    try:
+        yield view
+    finally:
+        # A slice or array still alive (an exception's traceback may hold one) keeps the map
+        # open; it is unmapped when the last of them goes.
+        with contextlib.suppress(BufferError):
+            view.release()
+            mm.close()
+
+
 def sweep_temp_dir(directory: Path, older_than_seconds: float) -> int:
     """Remove the files in ``directory`` last written more than that long ago; how many."""
     if older_than_seconds < 0:
@@ -725,21 +745,9 @@ class LocalBlobStore(BlobStore):
     @contextmanager
     def mapped(self, sha: str) -> Iterator[memoryview]:
         # The file's pages are the page cache's: reading a snapshot to decode it adds no
-        # private copy of the blob to the process (a 3B adapter's state is 389 MB).
-        with self.open(sha) as fh:
-            if os.fstat(fh.fileno()).st_size == 0:  # an empty file cannot be mapped
-                yield memoryview(b"")
-                return
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        view = memoryview(mm)
-        try:
+        # private copy of the blob to the process (a 3B adapter's state is 371 MiB).
+        with map_file(self.open(sha)) as view:
             yield view
-        finally:
-            # A slice or array still alive (an exception's traceback may hold one) keeps the
-            # map open; it is unmapped when the last of them goes.
-            with contextlib.suppress(BufferError):
-                view.release()
-                mm.close()
 
     def delete(self, sha: str) -> None:
         _remove_quietly(str(self._blob_path(sha)))

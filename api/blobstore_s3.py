@@ -33,8 +33,12 @@ import datetime as dt
 import io
 import os
 import re
+import shutil
 import tempfile
 import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import unquote, urlsplit
@@ -44,11 +48,13 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from api.blobstore import (
+    DEFAULT_CHUNK_SIZE,
     BlobNotFound,
     BlobRef,
     BlobStore,
     TempFileWriter,
     _check_key,
+    map_file,
     sweep_temp_dir,
 )
 
@@ -305,6 +311,20 @@ class S3BlobStore(BlobStore):
             if str(e.response.get("Error", {}).get("Code")) == "InvalidRange":
                 return io.BytesIO()  # start at or past the end: an empty slice, like the others
             raise
+
+    @contextmanager
+    def mapped(self, sha: str) -> Iterator[memoryview]:
+        """The object spooled to a local file and mapped: a snapshot of hundreds of MiB costs
+        disk for the block's duration, not private memory. The file is removed after."""
+        path = self.spool_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
+        try:
+            with self.open(sha) as body, open(path, "xb") as out:
+                shutil.copyfileobj(body, out, DEFAULT_CHUNK_SIZE)
+            with map_file(path.open("rb")) as view:
+                yield view
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def delete(self, sha: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha))

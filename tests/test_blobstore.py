@@ -374,12 +374,14 @@ def test_put_pieces_stores_nothing_when_the_pieces_fail(harness: Harness) -> Non
 
 
 @pytest.mark.parametrize("n", [0, 1, 4097, 3 * (1 << 20) + 17])
-def test_mapped_is_the_blob(store: BlobStore, n: int) -> None:
+def test_mapped_is_the_blob(harness: Harness, n: int) -> None:
+    store = harness.store
     data = payload(n, seed=n)
     ref = store.put_bytes(data)
     with store.mapped(ref.sha256) as view:
         assert view.readonly and view.nbytes == n
         assert bytes(view) == data
+    assert harness.temp_items() == []  # a remote store's spooled copy is gone
 
     # A slice that outlives the block (a traceback holding one) does not turn into an error.
     def decode_and_fail() -> None:
@@ -389,6 +391,7 @@ def test_mapped_is_the_blob(store: BlobStore, n: int) -> None:
 
     with pytest.raises(KeyError, match="decoding failed"):
         decode_and_fail()
+    assert harness.temp_items() == []
 
 
 def test_exception_inside_context_aborts(harness: Harness) -> None:
