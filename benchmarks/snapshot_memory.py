@@ -138,7 +138,7 @@ def round_streamed(
     with store.mapped(sha) as view, store.writer() as w:
         done = stream_server_round(strategy, view, layout, RANK, uploads, ROUND, w.write)
         snap = w.commit().sha256
-    return store.put_bytes(done.delta_blob).sha256, snap, done.digest
+    return store.put_pieces(done.delta_pieces).sha256, snap, done.digest
 
 
 ROUNDS = {"whole": round_whole, "streamed": round_streamed}

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import struct
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
@@ -57,6 +57,7 @@ __all__ = [
     "StreamValidator",
     "ValueDType",
     "WireFormatError",
+    "concatenate_pieces",
     "decode",
     "dense_header",
     "encode",
@@ -905,6 +906,43 @@ def _parse(data: memoryview, max_numel: int) -> list[EntryInfo]:
     assert done  # with the size known, a short blob raises instead of asking for more
     _check_sections_fill(sum(i.section_bytes for i in parser.infos), len(data) - parser.pos)
     return _with_offsets(parser.infos, parser.pos)
+
+
+def concatenate_pieces(blobs: Sequence[bytes | bytearray | memoryview]) -> list[memoryview]:
+    """The entries of several blobs as one blob, in order, without decoding anything: a new
+    prefix, every blob's entry headers, then every blob's sections (views of ``blobs``).
+    Joined, it is exactly :func:`encode` of all their entries in one mapping, so a sender can
+    encode a large blob part by part (a server round, module by module) and keep only the
+    coded parts.
+
+    Raises:
+        WireFormatError: a blob is malformed.
+        ValueError: no blobs, blobs of different value dtypes, or a name in two blobs.
+    """
+    if not blobs:
+        raise ValueError("nothing to concatenate")
+    heads: list[memoryview] = []
+    bodies: list[memoryview] = []
+    names: set[str] = set()
+    codes = set()
+    for blob in blobs:
+        mv = _as_memoryview(blob)
+        infos = _parse(mv, _NUMEL_CAP)
+        codes.add(mv[6])  # the prefix's value dtype byte (magic 4, version 2)
+        for info in infos:
+            if info.name in names:
+                raise ValueError(f"tensor {info.name!r} is in more than one blob")
+            names.add(info.name)
+        start = infos[0].offset if infos else len(mv)
+        heads.append(mv[_PREFIX.size : start])
+        bodies.append(mv[start:])
+    if len(codes) != 1:
+        dtypes = sorted(_CODE_DTYPE[c] for c in codes)
+        raise ValueError(f"blobs of different value dtypes cannot be joined: {dtypes}")
+    if len(names) >= _U32_LIMIT:
+        raise ValueError("at most 2**32 - 1 tensors per blob")
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, codes.pop(), 0, len(names))
+    return [memoryview(prefix), *heads, *(b for b in bodies if b.nbytes)]
 
 
 def inspect(data: bytes | bytearray | memoryview, *, max_numel: int = 2**34) -> list[EntryInfo]:

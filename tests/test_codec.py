@@ -727,3 +727,50 @@ def test_decode_type_errors_and_non_contiguous() -> None:
         decode(arr)
     with pytest.raises(WireFormatError, match="not contiguous"):
         decode(memoryview(GOOD * 2)[::2])
+
+
+@pytest.mark.parametrize("vd", ["fp32", "bf16", "fp16"])
+def test_concatenated_blobs_are_the_encoding_of_all_their_entries(vd: Any) -> None:
+    g = torch.Generator().manual_seed(21)
+    thr = keep_threshold(0.2)
+    kept = seeded_positions(3, 2, "s", 500, thr)
+    assert kept is not None
+    parts: list[dict[str, Any]] = [
+        {"d": torch.randn(4, 6, generator=g)},
+        {},  # a module with no delta
+        {
+            "r": SparseTensor((300,), torch.tensor([0, 7, 299]), torch.randn(3, generator=g)),
+            "s": SeededSparse((500,), 3, 2, thr, torch.randn(kept.numel(), generator=g)),
+        },
+        {"e": torch.zeros(0, 5)},
+    ]
+    merged = {k: v for p in parts for k, v in p.items()}
+    blobs = [encode(p, value_dtype=vd) for p in parts]
+    assert b"".join(codec.concatenate_pieces(blobs)) == encode(merged, value_dtype=vd)
+    # Each part keeps its own position encoding: the join decodes to every part's entries.
+    mixed = [
+        encode(p, value_dtype=vd, positions="bitmap" if i == 2 else "rice")
+        for i, p in enumerate(parts)
+    ]
+    joined = decode(b"".join(codec.concatenate_pieces(mixed)))
+    assert list(joined) == list(merged)
+    for blob in mixed:
+        for name, t in decode(blob).items():
+            other = joined[name]
+            if isinstance(t, torch.Tensor):
+                assert isinstance(other, torch.Tensor) and torch.equal(t, other)
+            else:
+                assert isinstance(other, SparseTensor)
+                assert torch.equal(t.indices, other.indices) and torch.equal(t.values, other.values)
+
+
+def test_concatenate_refuses_what_it_cannot_join() -> None:
+    a = encode({"x": torch.ones(3)})
+    with pytest.raises(ValueError, match="nothing to concatenate"):
+        codec.concatenate_pieces([])
+    with pytest.raises(ValueError, match="more than one blob"):
+        codec.concatenate_pieces([a, a])
+    with pytest.raises(ValueError, match="different value dtypes"):
+        codec.concatenate_pieces([a, encode({"y": torch.ones(2)}, value_dtype="bf16")])
+    with pytest.raises(WireFormatError):
+        codec.concatenate_pieces([a[:-1]])

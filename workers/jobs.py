@@ -103,7 +103,7 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
         done = stream_server_round(strategy, view, layout, rank, uploads, ctx, w.write)
         t_store = time.perf_counter()
         snap_ref = w.commit()
-    delta_ref = rt.blobs.put_bytes(done.delta_blob)
+    delta_ref = rt.blobs.put_pieces(done.delta_pieces)
     digest = done.digest
     t_end = time.perf_counter()
     losses = [u.train_loss for u in updates if u.train_loss is not None]
