@@ -375,8 +375,8 @@ class BlobStore(ABC):
     @contextmanager
     def mapped(self, sha: str) -> Iterator[memoryview]:
         """The whole blob as a read-only view for the duration of the block (decode from it
-        and copy out what you keep). This default reads it into memory; a store with local
-        files maps the file instead, so a large blob costs no private copy."""
+        and copy out what you keep). This default reads it into memory; the local store maps
+        its file, and the S3 store a spooled copy, so a large blob costs no private copy."""
         yield memoryview(self.read_bytes(sha))
 
     @abstractmethod

@@ -36,14 +36,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import _common as c
+from server_step import make_uploads as server_upload
 
 from api.blobstore import LocalBlobStore
 from fedsrd_core.codec import LazyBlob, encode
@@ -63,39 +62,14 @@ ROUND = RoundContext(round=2, seed=1)
 RANK = 64
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 @contextmanager
 def peak_memory() -> Iterator[dict[str, float]]:
-    """Peak increase of RssAnon and of RSS (MiB) while the block runs, sampled every 2 ms."""
-    base = {"anon": _status_kib("RssAnon"), "rss": _status_kib("VmRSS")}
-    peak = dict(base)
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak["anon"] = max(peak["anon"], _status_kib("RssAnon"))
-            peak["rss"] = max(peak["rss"], _status_kib("VmRSS"))
-            time.sleep(0.002)
-
+    """Peak increase of RssAnon and of RSS (MiB) while the block runs (``_common.peak_rss``)."""
     out: dict[str, float] = {}
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    with c.peak_rss() as mem:
         yield out
-    finally:
-        stop.set()
-        t.join()
-        peak["anon"] = max(peak["anon"], _status_kib("RssAnon"))
-        peak["rss"] = max(peak["rss"], _status_kib("VmRSS"))
-        out["anon_mib"] = round((peak["anon"] - base["anon"]) / 1024, 1)
-        out["rss_mib"] = round((peak["rss"] - base["rss"]) / 1024, 1)
+    out["anon_mib"] = round((mem["anon_peak"] - mem["anon_baseline"]) / c.MIB, 1)
+    out["rss_mib"] = round((mem["peak"] - mem["baseline"]) / c.MIB, 1)
 
 
 def layout_of(quick: bool) -> dict[str, tuple[int, int]]:
@@ -150,14 +124,8 @@ def read_uploads(store: LocalBlobStore, shas: list[str]) -> list[Upload]:
 
 
 def make_uploads(store: LocalBlobStore, start: GlobalState) -> list[str]:
-    """Real FedSRD client uploads (importance + adaptive ratio) from simulated training."""
-    strategy = get_strategy("fedsrd")
-    shas = []
-    for i in range(CLIENTS):
-        trained = c.trained_copy(start, seed=100 + i)
-        tensors = strategy.client_upload(start, trained, RoundContext(round=1), client_seed=i)
-        shas.append(store.put_bytes(encode(tensors)).sha256)
-    return shas
+    """Real FedSRD client uploads (``server_step.make_uploads``), stored as blobs."""
+    return [store.put_bytes(encode(u.tensors)).sha256 for u in server_upload(start, CLIENTS)]
 
 
 LOADERS: dict[str, Callable[[LocalBlobStore, str, dict[str, tuple[int, int]]], GlobalState]] = {
