@@ -20,11 +20,11 @@ from fedsrd_core.snapshot import decode_snapshot, snapshot_pieces
 from fedsrd_core.state import GlobalState, state_digest
 
 
-def _atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
-    """Replace ``path`` with ``data`` (bytes, or pieces written in order) durably."""
+def _atomic_write(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
+    """Replace ``path`` with ``pieces`` (written in order), durably."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        for piece in (data,) if isinstance(data, bytes) else data:
+        for piece in pieces:
             f.write(piece)
         f.flush()
         os.fsync(f.fileno())
@@ -93,10 +93,10 @@ class StateDir:
         """Persist; ``factors`` (if given) is the global state of ``st.have_round``."""
         if factors is not None:
             _atomic_write(self.path / "state.blob", snapshot_pieces(factors))
-        _atomic_write(self._json, json.dumps(asdict(st), indent=1).encode())
+        _atomic_write(self._json, [json.dumps(asdict(st), indent=1).encode()])
 
     def save_pending(self, blob: bytes) -> None:
-        _atomic_write(self.path / "pending.blob", blob)
+        _atomic_write(self.path / "pending.blob", [blob])
 
     def pending_blob(self) -> bytes | None:
         p = self.path / "pending.blob"

@@ -21,18 +21,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from fedsrd_core.codec import (
     LazyBlob,
-    WireFormatError,
     concatenate_pieces,
     dense_header,
     encode,
     encode_pieces,
 )
-from fedsrd_core.snapshot import decode_global_delta, snapshot_shapes, snapshot_tensors
-from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, LoraFactors, StateHasher
+from fedsrd_core.snapshot import (
+    decode_global_delta,
+    snapshot_factors,
+    snapshot_shapes,
+    snapshot_tensors,
+)
+from fedsrd_core.state import GlobalState, StateHasher
 from fedsrd_core.strategies import RoundContext, Strategy, Upload
 
 
@@ -92,10 +94,7 @@ def stream_server_round(
     # with their positions: for Llama-3.2-3B that is 36 MiB instead of 109 MiB.
     coded: list[bytes] = []
     for module in sorted(layout):
-        A, B = old[module + A_SUFFIX], old[module + B_SUFFIX]
-        if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
-            raise WireFormatError(f"snapshot entry of {module!r} is sparse; snapshots are dense")
-        one = GlobalState({module: LoraFactors(A, B)})
+        one = GlobalState({module: snapshot_factors(old, module)})
         delta = strategy.server_round(one, uploads, ctx)
         # What clients apply: the delta through the codec, as the whole-state round does.
         blob = encode(delta, value_dtype=ctx.value_dtype)

@@ -61,13 +61,21 @@ def decode_snapshot(
             sparse entry (snapshots are dense).
     """
     tensors = decode(data, expected_shapes=snapshot_shapes(layout, rank))
-    modules: dict[str, LoraFactors] = {}
-    for name in sorted(layout):
-        A, B = tensors[name + A_SUFFIX], tensors[name + B_SUFFIX]
-        if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
-            raise WireFormatError(f"snapshot entry of {name!r} is sparse; snapshots are dense")
-        modules[name] = LoraFactors(A, B)
-    return GlobalState(modules)
+    return GlobalState({name: snapshot_factors(tensors, name) for name in sorted(layout)})
+
+
+def snapshot_factors(
+    entries: Mapping[str, torch.Tensor | SparseTensor], module: str
+) -> LoraFactors:
+    """One module's factors from a snapshot's (decoded or lazily decoded) entries.
+
+    Raises:
+        WireFormatError: an entry is sparse (snapshots are dense).
+    """
+    A, B = entries[module + A_SUFFIX], entries[module + B_SUFFIX]
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+        raise WireFormatError(f"snapshot entry of {module!r} is sparse; snapshots are dense")
+    return LoraFactors(A, B)
 
 
 def shape_state(layout: Mapping[str, tuple[int, int]], rank: int) -> GlobalState:

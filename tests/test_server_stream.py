@@ -139,3 +139,24 @@ def test_state_hasher_is_state_digest_and_wants_sorted_modules() -> None:
     h.add(*modules[1])
     with pytest.raises(ValueError, match="sorted order"):
         h.add(*modules[0])
+
+
+def test_a_sparse_snapshot_entry_is_refused_by_both_readers() -> None:
+    from fedsrd_core.sparse import SparseTensor
+    from fedsrd_core.state import A_SUFFIX, B_SUFFIX
+
+    state = started(9)
+    tensors: dict[str, torch.Tensor | SparseTensor] = {}
+    for name, f in state.items():
+        tensors[name + A_SUFFIX] = f.A
+        tensors[name + B_SUFFIX] = f.B
+    first = sorted(LAYOUT)[0]
+    A = state[first].A
+    tensors[first + A_SUFFIX] = SparseTensor(tuple(A.shape), torch.tensor([0, 3]), A.flatten()[:2])
+    blob = encode(tensors)
+    with pytest.raises(WireFormatError, match="is sparse; snapshots are dense"):
+        decode_snapshot(blob, LAYOUT, RANK)
+    with pytest.raises(WireFormatError, match="is sparse; snapshots are dense"):
+        stream_server_round(
+            get_strategy("fedsrd"), blob, LAYOUT, RANK, [], RoundContext(round=1), lambda p: None
+        )
