@@ -24,10 +24,14 @@ Invariants every implementation keeps, and every caller relies on:
   the row naming it commits, so a row never points at a missing or partial blob. The reverse
   failure (blob committed, transaction rolled back) only leaves an orphan blob, which is
   harmless and removed by garbage collection.
-* **Deletion is garbage collection.** :meth:`BlobStore.delete` is for blobs that no row
-  references. Because a duplicate upload returns at once when the content already exists, a
-  collector must leave a grace period (e.g. only delete blobs unreferenced for longer than
-  the longest upload) so it never removes a blob that a concurrent request has just "stored".
+* **Deletion is garbage collection.** :meth:`BlobStore.collect` removes a blob that no row
+  references, safely against a writer storing the same content at that moment: a writer
+  that finds its content already stored marks it stored again (a local store sets the
+  file's modification time), a collector only removes blobs stored longer ago than a grace
+  period (longer than any writer takes from storing a blob to committing the row that
+  names it), and it takes the blob out of place *before* its last check, so a writer that
+  comes after that stores its own copy. :meth:`BlobStore.delete` is unconditional (tests
+  and the collector's last step only).
 * **Never unpickled.** Blobs are untrusted client bytes. They are decoded only by the wire
   codec or safetensors, never by ``pickle`` or ``torch.load`` without ``weights_only=True``.
 * **Keys are validated.** Every method taking a key rejects anything but 64 lowercase hex
@@ -52,7 +56,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +77,7 @@ __all__ = [
     "InvalidBlobKey",
     "LocalBlobStore",
     "LocalBlobWriter",
+    "StoredBlob",
     "TempFileWriter",
     "is_sha256_hex",
     "map_file",
@@ -169,6 +174,16 @@ class BlobRef:
 # --------------------------------------------------------------------------------------------
 # Writers
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as the store lists it: its key, size and when it was last stored (epoch
+    seconds; storing the same content again renews it)."""
+
+    sha256: str
+    size: int
+    stored_at: float
 
 
 class BlobWriter(Protocol):
@@ -440,6 +455,37 @@ class BlobStore(ABC):
         _check_key(sha)
         return None
 
+    #: Whether :meth:`list_blobs` and :meth:`collect` are implemented (garbage collection).
+    supports_collection: ClassVar[bool] = False
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        """Every stored blob, in no particular order (garbage collection)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its blobs")
+
+    def collect(self, sha: str, still_needed: Callable[[float], bool]) -> bool:
+        """Remove blob ``sha`` unless ``still_needed(stored_at)`` says otherwise; True if
+        it is gone (False when it was already gone, or a writer stored it anew meanwhile).
+
+        ``still_needed`` is asked *after* the blob has been taken out of place, with the time
+        it was last stored, and should check that time against the grace period and the
+        database for rows naming the blob. A writer storing the same content before that
+        renewed ``stored_at``; one storing it after finds the blob missing and stores its own
+        copy. If ``still_needed`` is true or raises, the blob is put back.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot collect garbage")
+
+    def renew(self, sha: str) -> None:
+        """Mark blob ``sha`` stored now, as storing it again would (no error if it is
+        missing): a row that stops naming it does this first, so that garbage collection
+        leaves it for the grace period after that (backups, readers holding an older
+        plan)."""
+        _check_key(sha)
+
+    def recover_collection(self) -> int:
+        """Put back blobs that a collector interrupted (crashed) had taken out of place but
+        not yet removed; how many. Run before collecting."""
+        return 0
+
     @abstractmethod
     def cleanup_temp(self, older_than_seconds: float = 3600) -> int:
         """Remove temp data abandoned (by a crashed process) more than that long ago.
@@ -477,6 +523,11 @@ def _fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    with os.scandir(path) as entries:
+        return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
 
 
 def _remove_quietly(path: str) -> None:
@@ -666,9 +717,15 @@ class LocalBlobWriter(TempFileWriter):
         dest = self._store._blob_path(ref.sha256)
         try:
             if dest.stat().st_size == ref.size:
-                self._discard()  # already stored: blobs are immutable, keep the existing one
+                # Already stored: blobs are immutable, keep the existing one, but mark it
+                # stored now, so a collector's grace period counts from here (a collector
+                # that took it out of place meanwhile makes this raise: then ours goes in).
+                os.utime(dest)
+                self._discard()
                 return
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
+            # Missing, or owned by another user (utime needs ownership): put ours in place,
+            # which renews it too.
             pass
         self._close_temp(fsync=True)
         created = self._store._make_shard_dirs(dest.parent)
@@ -693,8 +750,11 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.blob_dir = self.root / "sha256"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        # Blobs a collector has taken out of place for its last check (never swept by age:
+        # recover_collection puts back what a crashed collector left here).
+        self.gc_dir = self.root / "collecting"
+        for d in (self.tmp_dir, self.blob_dir, self.gc_dir):
+            d.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
@@ -751,6 +811,81 @@ class LocalBlobStore(BlobStore):
 
     def delete(self, sha: str) -> None:
         _remove_quietly(str(self._blob_path(sha)))
+
+    supports_collection = True
+
+    def renew(self, sha: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._blob_path(sha))
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        for shard in _subdirs(self.blob_dir):
+            for sub in _subdirs(shard):
+                with os.scandir(sub) as entries:
+                    for e in entries:
+                        if not is_sha256_hex(e.name):
+                            continue
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:  # collected meanwhile
+                            continue
+                        yield StoredBlob(e.name, st.st_size, st.st_mtime)
+
+    def collect(self, sha: str, still_needed: Callable[[float], bool]) -> bool:
+        src = self._blob_path(sha)
+        held = self.gc_dir / f"{sha}.{uuid.uuid4().hex}"
+        try:
+            # Atomic: from here a writer of this content finds it missing and renames its
+            # own copy into place; before here, its utime reached this very file.
+            os.rename(src, held)
+        except FileNotFoundError:
+            return False
+        try:
+            keep = still_needed(held.stat().st_mtime)
+        except BaseException:
+            self._put_back(held, src)
+            raise
+        if keep:
+            self._put_back(held, src)
+            return False
+        try:
+            held.unlink()
+        except FileNotFoundError:  # another collector's recovery put it back: it stays
+            return False
+        # A writer that came meanwhile has stored the content anew: it is not gone.
+        return not src.exists()
+
+    @staticmethod
+    def _put_back(held: Path, dest: Path) -> None:
+        """Return a held blob to ``dest`` unless a writer has put its own copy there
+        meanwhile: the writer's stays, as its modification time is the fresh one."""
+        try:
+            os.link(held, dest)  # never replaces: FileExistsError if a writer was first
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # another collector's recovery already put it back
+            return
+        except OSError:  # no hard links on this filesystem: a rename (which would replace
+            # a copy a writer put there between this check and the rename: same bytes)
+            if not dest.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(held, dest)
+                return
+        with contextlib.suppress(FileNotFoundError):
+            held.unlink()
+
+    def recover_collection(self) -> int:
+        restored = 0
+        with os.scandir(self.gc_dir) as entries:
+            for e in entries:
+                sha = e.name.split(".", 1)[0]
+                if not is_sha256_hex(sha):
+                    continue
+                dest = self._blob_path(sha)
+                self._make_shard_dirs(dest.parent)
+                self._put_back(Path(e.path), dest)
+                restored += 1
+        return restored
 
     def local_path(self, sha: str) -> Path:
         path = self._blob_path(sha)

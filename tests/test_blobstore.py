@@ -650,13 +650,19 @@ def test_local_mode_ignores_umask(tmp_path: Path) -> None:
     assert LocalBlobStore(tmp_path).local_path(ref.sha256).stat().st_mode & 0o777 == 0o644
 
 
-def test_local_duplicate_put_keeps_existing_file(tmp_path: Path) -> None:
+def test_local_duplicate_put_keeps_existing_file_and_renews_it(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path)
     ref = store.put_bytes(b"immutable")
-    before = store.local_path(ref.sha256).stat()
+    path = store.local_path(ref.sha256)
+    os.utime(path, (time.time() - 7200, time.time() - 7200))  # stored two hours ago
+    before = path.stat()
     store.put_bytes(b"immutable")
-    after = store.local_path(ref.sha256).stat()
-    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    after = path.stat()
+    # The same file (blobs are immutable), marked stored now: a garbage collector's grace
+    # period counts from the newest store of the content.
+    assert after.st_ino == before.st_ino
+    assert after.st_mtime > time.time() - 60 > before.st_mtime
+    assert not any(store.tmp_dir.iterdir())
 
 
 def test_local_stores_sharing_a_root(tmp_path: Path) -> None:
