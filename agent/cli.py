@@ -237,7 +237,7 @@ def run_agent(args: argparse.Namespace) -> int:
         model=args.model or info["base_model"],
     )
 
-    from agent.participant import DigestMismatchError, Participant
+    from agent.participant import DigestMismatchError, Participant, StalePlanError
     from fedsrd_core.state import state_digest
 
     part = Participant(client, model, tokenizer, examples, info)
@@ -290,6 +290,10 @@ def run_agent(args: argparse.Namespace) -> int:
                 event("state mismatch, reloading a snapshot", detail=str(e))
                 part.state, part.have_round = None, -1
                 save(False)
+                continue
+            except StalePlanError as e:  # the progress made is kept (Participant.sync)
+                event("sync plan outdated, asking again", detail=str(e), round=part.have_round)
+                save(part.state is not None)
                 continue
             save(True)
         assert part.state is not None

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from agent.client import AgentClient
+from agent.client import AgentClient, ServerError
 from fedsrd_core.codec import encode
 from fedsrd_core.data import Example
 from fedsrd_core.peft_lora import attach_lora, lora_config
@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 
 class DigestMismatchError(Exception):
     pass
+
+
+class StalePlanError(Exception):
+    """A blob of the sync plan is no longer served (404): a snapshot the server pruned
+    after it made the plan. Carries the progress made, ``state`` at ``have_round`` (every
+    step applied and checked), from which a fresh plan goes on."""
+
+    def __init__(self, message: str, state: GlobalState | None, have_round: int) -> None:
+        super().__init__(message)
+        self.state = state
+        self.have_round = have_round
 
 
 def apply_plan(
@@ -48,9 +59,22 @@ def apply_plan(
     each digest in ``digests``). Raises :class:`DigestMismatchError` when a blob does not
     lead to its digest or a delta does not follow the state; the state is then unusable.
     """
+
+    def download(sha256: str, what: str) -> bytes:
+        try:
+            return client.download(sha256)
+        except ServerError as e:
+            if e.status != 404:
+                raise
+            raise StalePlanError(
+                f"{what} is no longer served: {e.detail}", state, have_round
+            ) from e
+
     snap = plan.get("snapshot")
     if snap is not None:
-        state = decode_snapshot(client.download(snap["sha256"]), layout, rank)
+        state = decode_snapshot(
+            download(snap["sha256"], f"snapshot of round {snap['round']}"), layout, rank
+        )
         if state_digest(state) != snap["digest"]:
             raise DigestMismatchError(f"snapshot of round {snap['round']}")
         have_round = int(snap["round"])
@@ -59,9 +83,8 @@ def apply_plan(
     for d in plan.get("deltas", []):
         if state is None or int(d["round"]) != have_round + 1:
             raise DigestMismatchError(f"delta of round {d['round']} does not follow our state")
-        strategy.apply_global(
-            state, decode_global_delta(client.download(d["sha256"]), layout, rank)
-        )
+        blob = download(d["sha256"], f"delta of round {d['round']}")
+        strategy.apply_global(state, decode_global_delta(blob, layout, rank))
         have_round = int(d["round"])
         if state_digest(state) != d["digest"]:
             raise DigestMismatchError(f"state after round {d['round']}")
@@ -120,6 +143,9 @@ class Participant:
         except DigestMismatchError:
             self.state, self.have_round = None, -1
             raise
+        except StalePlanError as e:
+            self.state, self.have_round = e.state, e.have_round
+            raise
 
     def step(self, wait: float = 5.0) -> str:
         """Poll once and act on the answer; returns the action."""
@@ -133,6 +159,9 @@ class Participant:
             except DigestMismatchError as e:
                 log.warning("state mismatch (%s); reloading a snapshot", e)
                 self.state, self.have_round = None, -1
+                return "resync"
+            except StalePlanError as e:
+                log.info("%s; asking for a fresh plan", e)
                 return "resync"
         number, base = int(answer["round"]), int(answer["base_round"])
         assert self.state is not None

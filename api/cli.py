@@ -100,6 +100,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Collect blob garbage once and print what was done as JSON."""
+    from api.runtime import make_runtime
+    from api.services.storage import collect_garbage
+    from api.settings import Settings
+
+    os.environ.update(_settings_env(args))
+    rt = make_runtime(Settings())
+    try:
+        result = collect_garbage(rt, grace_s=args.grace, dry_run=args.dry_run)
+    finally:
+        rt.close()
+    print(json.dumps(result.as_dict()))
+    if not result.supported:
+        print(
+            "this blob store cannot be garbage-collected safely (only a local directory can)",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     api, worker, url, token = _start(args)
     try:
@@ -210,9 +232,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--keep", action="store_true", help="keep serving afterwards")
     m = sub.add_parser("migrate", help="alembic upgrade head")
     m.add_argument("--data-dir", default=None)
+    g = sub.add_parser(
+        "gc", help="remove blobs no row names, last stored before the grace period (JSON out)"
+    )
+    g.add_argument("--data-dir", default=None)
+    g.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="seconds (default FEDSRD_BLOB_GRACE_S, 3600); never less than the longest time "
+        "from storing a blob to committing its row",
+    )
+    g.add_argument("--dry-run", action="store_true", help="count, remove nothing")
     add_simulate_command(sub)
     args = parser.parse_args(argv)
-    commands = {"up": cmd_up, "demo": cmd_demo, "migrate": cmd_migrate, "simulate": run_simulate}
+    commands = {
+        "up": cmd_up,
+        "demo": cmd_demo,
+        "migrate": cmd_migrate,
+        "gc": cmd_gc,
+        "simulate": run_simulate,
+    }
     return int(commands[args.command](args))
 
 

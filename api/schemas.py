@@ -229,6 +229,9 @@ class RoundPublic(BaseModel):
     digest: str | None
     delta_size: int | None
     snapshot_size: int | None
+    #: Whether this round's snapshot is still stored (the newest ``FEDSRD_KEEP_SNAPSHOTS``
+    #: closed rounds); the state of a round without one is rebuilt from the deltas.
+    snapshot_kept: bool
     metrics: dict[str, Any]
     #: Closed rounds: bytes ``up``, ``down`` and ``fedavg`` (api.services.rounds.round_traffic).
     traffic: dict[str, int] | None

@@ -52,6 +52,16 @@ class Settings(BaseSettings):
     #: Redis visibility timeout: longer than the longest task (aggregation of a 70B layout,
     #: a slow local round), or Redis redelivers a task that is still running.
     task_visibility_timeout: int = Field(default=6 * 3600, ge=60)
+    #: Snapshots kept per run: those of the newest N closed rounds (0: all). An older round's
+    #: state is rebuilt from the newest snapshot kept before it (or the initial state) and
+    #: the global deltas, which are always kept. Aggregation reads the newest, so N >= 1.
+    keep_snapshots: int = Field(default=2, ge=0)
+    #: Garbage collection removes a blob no row names only if it was last stored longer ago
+    #: than this (seconds): longer than any writer takes from storing a blob to committing
+    #: the row that names it, or a blob just stored again by another run could go.
+    blob_grace_s: float = Field(default=3600.0, ge=0.0)
+    #: Collect garbage (unreferenced blobs, past the grace period) after every aggregation.
+    gc_after_round: bool = True
     #: Fault injection for the crash tests: aggregation pauses this long after it has
     #: started, so a test can kill the worker mid-task. Always 0 in real deployments.
     fault_aggregate_delay_s: float = Field(default=0.0, ge=0.0, le=600.0)

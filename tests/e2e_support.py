@@ -166,6 +166,7 @@ def check_consistent(
             rounds = s.scalars(
                 select(Round).where(Round.run_id == run_id).order_by(Round.number)
             ).all()
+            kept_from: int | None = None  # the oldest round whose snapshot is kept
             for r in rounds:
                 for u in s.scalars(select(Update).where(Update.round_id == r.id)):
                     data = blobs.read_bytes(u.blob)
@@ -175,8 +176,14 @@ def check_consistent(
                 delta = blobs.read_bytes(r.delta_blob)
                 strategy.apply_global(state, decode_global_delta(delta, layout, rank))
                 assert state_digest(state) == r.digest, f"round {r.number}: replay differs"
+                if r.snapshot_blob is None:  # pruned: only rounds older than a kept one
+                    assert kept_from is None, f"round {r.number}: pruned after a kept snapshot"
+                    continue
+                kept_from = r.number if kept_from is None else kept_from
                 snap = decode_snapshot(blobs.read_bytes(r.snapshot_blob), layout, rank)
                 assert state_digest(snap) == r.digest, f"round {r.number}: snapshot differs"
+            closed = [r for r in rounds if r.status == "closed"]
+            assert not closed or closed[-1].snapshot_blob is not None, "newest snapshot pruned"
     finally:
         engine.dispose()
     if store is None:

@@ -1,20 +1,36 @@
-"""Blob garbage collection at the store level: :meth:`LocalBlobStore.collect` removes a blob
-only when its caller's last check (made with the blob out of place) says so, puts it back
-otherwise, and loses nothing to a writer storing the same content at any moment, which a
-stress test with real threads checks.
+"""Snapshot retention and blob garbage collection.
+
+Store level: :meth:`LocalBlobStore.collect` removes a blob only when its caller's last check
+(made with the blob out of place) says so, puts it back otherwise, and loses nothing to a
+writer storing the same content at any moment, which a stress test with real threads
+checks. Service level, on SQLite and PostgreSQL: old snapshots stop being named after each
+round, every round's state is still served (export, sync) from the deltas, and a
+collection removes exactly the blobs no row of any run names.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import random
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load as load_safetensors
+from sqlalchemy import select
 
+from api import cli
 from api.blobstore import LocalBlobStore
+from api.models import Round, Run, Update
+from api.services import storage
+from api.services.states import load_state
+from fedsrd_core.state import state_digest
+from tests.api_support import Api, FakeAgent, make_api
+from tests.e2e_support import check_consistent
 
 # -- the store -------------------------------------------------------------------------------
 
@@ -164,3 +180,252 @@ def test_collector_never_removes_a_blob_a_writer_names(tmp_path: Path) -> None:
     assert not failures, failures[:3]
     assert removed[0] > 10  # the collector did remove blobs, many times over
     assert not any(store.gc_dir.iterdir())
+
+
+# -- the control plane -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'api.db'}"
+    return str(request.getfixturevalue("pg_database"))
+
+
+def _play(api: Api, rounds: int) -> tuple[int, dict[int, str], dict[int, str], list[FakeAgent]]:
+    """A launched run of ``rounds`` rounds played to the end by three fake agents; the
+    digest and the snapshot blob of each round as it closed."""
+    created = api.create_run(rounds=rounds)
+    run_id = created["id"]
+    agents = []
+    for i in range(3):
+        _, token = api.enroll(run_id, f"site-{i}")
+        agents.append(FakeAgent(api.agent(run_id, token), seed=i))
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/launch").status_code == 200
+    digests: dict[int, str] = {}
+    snapshots: dict[int, str] = {}
+    for number in range(1, rounds + 1):
+        for a in agents:
+            a.play_round()
+        with api.rt.sessions() as s:
+            r = s.scalar(select(Round).where(Round.run_id == run_id, Round.number == number))
+            assert r is not None and r.status == "closed" and r.snapshot_blob is not None
+            digests[number], snapshots[number] = str(r.digest), r.snapshot_blob
+    assert api.run(run_id)["status"] == "completed"
+    return run_id, digests, snapshots, agents
+
+
+def _adapter_tensors(api: Api, run_id: int, number: int) -> dict[str, object]:
+    r = api.admin("GET", f"/api/v1/runs/{run_id}/adapter?round={number}")
+    assert r.status_code == 200, r.text
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        return dict(load_safetensors(z.read("adapter_model.safetensors")))
+
+
+def test_old_snapshots_are_pruned_and_every_state_is_still_served(
+    db_url: str, tmp_path: Path, model_cache: Path
+) -> None:
+    with make_api(tmp_path / "data", db_url, model_cache, gc_after_round=False) as api:
+        run_id, digests, snapshots, agents = _play(api, rounds=4)
+        store = api.rt.blobs
+        assert [r["snapshot_kept"] for r in api.rounds(run_id)] == [False, False, True, True]
+        with api.rt.sessions() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            # Rebuilt from the newest kept snapshot before it (the initial state) + deltas.
+            for number in range(1, 5):
+                assert state_digest(load_state(api.rt, run, number)) == digests[number]
+        # The exported adapter of a pruned round is that round's state.
+        assert _adapter_tensors(api, run_id, 2).keys() == _adapter_tensors(api, run_id, 4).keys()
+        # A client starting from nothing reaches the newest state.
+        fresh = FakeAgent(agents[0].agent, seed=9)
+        fresh.catch_up()
+        assert fresh.have_round == 4 and state_digest(fresh.state) == digests[4]
+        # Pruned snapshots are no longer served; kept ones are.
+        for number, sha in snapshots.items():
+            r = fresh.agent.http.get(
+                f"/api/v1/agent/runs/{run_id}/blobs/{sha}", headers=fresh.agent.headers
+            )
+            assert r.status_code == (404 if number <= 2 else 200), (number, r.text)
+
+        # What names a blob: a run's initial state, a round's delta or kept snapshot, an
+        # update; nothing names a pruned snapshot or an unknown key.
+        with api.rt.sessions() as s:
+            run = s.get(Run, run_id)
+            assert run is not None and run.initial_blob is not None
+            last = s.scalar(select(Round).where(Round.run_id == run_id, Round.number == 4))
+            assert last is not None and last.delta_blob is not None
+            update = s.scalar(select(Update.blob).where(Update.round_id == last.id).limit(1))
+            assert update is not None
+            for sha in (run.initial_blob, last.delta_blob, snapshots[4], update):
+                assert storage.is_named(s, sha)
+            for sha in (snapshots[1], "0" * 64):
+                assert not storage.is_named(s, sha)
+            assert storage.named_blobs(s) >= {run.initial_blob, update, snapshots[3]}
+            assert snapshots[2] not in storage.named_blobs(s)
+
+        # Within the grace period nothing goes.
+        first = storage.collect_garbage(api.rt)
+        assert (first.removed, first.recent) == (0, 2)
+        dry = storage.collect_garbage(api.rt, grace_s=0, dry_run=True)
+        assert (dry.removed, dry.removed_bytes) == (
+            2,
+            sum(store.size(snapshots[n]) for n in (1, 2)),
+        )
+        assert all(store.exists(snapshots[n]) for n in (1, 2))
+        done = storage.collect_garbage(api.rt, grace_s=0)
+        assert done.supported and done.removed == 2 and done.named + 2 == done.scanned
+        assert not any(store.exists(snapshots[n]) for n in (1, 2))
+        assert all(store.exists(snapshots[n]) for n in (3, 4))
+        assert storage.collect_garbage(api.rt, grace_s=0).removed == 0
+        # Every blob a row names is intact and every round's state replays to its digest.
+        check_consistent(db_url, api.settings.data_dir, run_id)
+        with api.rt.sessions() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            assert state_digest(load_state(api.rt, run, 1)) == digests[1]
+
+
+def test_a_blob_another_run_names_is_kept(db_url: str, tmp_path: Path, model_cache: Path) -> None:
+    with make_api(
+        tmp_path / "data", db_url, model_cache, keep_snapshots=1, gc_after_round=False
+    ) as api:
+        run_id, _, snapshots, _ = _play(api, rounds=3)
+        other = api.create_run()  # not launched: it names nothing yet
+        # Another run names the content of a pruned snapshot (identical runs store
+        # identical blobs; here a row is made to name it directly).
+        with api.rt.transaction() as tx:
+            row = tx.session.get(Run, other["id"])
+            assert row is not None
+            row.initial_blob = snapshots[1]
+        result = storage.collect_garbage(api.rt, grace_s=0)
+        assert result.removed == 1  # round 2's snapshot only
+        assert api.rt.blobs.exists(snapshots[1])
+        assert not api.rt.blobs.exists(snapshots[2])
+        assert api.rt.blobs.exists(snapshots[3])
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_keep_setting(keep: int, tmp_path: Path, model_cache: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(tmp_path / "data", url, model_cache, keep_snapshots=keep) as api:
+        run_id, *_ = _play(api, rounds=3)
+        kept = [r["snapshot_kept"] for r in api.rounds(run_id)]
+        assert kept == ([True, True, True] if keep == 0 else [False, False, True])
+
+
+def test_a_pruned_snapshot_is_kept_for_the_grace_period_after_pruning(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(
+        tmp_path / "data", url, model_cache, keep_snapshots=1, gc_after_round=False
+    ) as api:
+        run_id = api.create_run(rounds=2)["id"]
+        agents = [FakeAgent(api.agent(run_id, api.enroll(run_id, f"s{i}")[1])) for i in range(2)]
+        api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+        for a in agents:
+            a.play_round()
+        store = api.rt.blobs
+        assert isinstance(store, LocalBlobStore)
+        for blob in store.list_blobs():  # everything so far was stored two hours ago
+            _age(store, blob.sha256, 7200)
+        with api.rt.sessions() as s:
+            first = s.scalar(select(Round.snapshot_blob).where(Round.number == 1))
+        assert first is not None
+        for a in agents:
+            a.play_round()  # round 2 closes and prunes round 1's snapshot
+        assert [r["snapshot_kept"] for r in api.rounds(run_id)] == [False, True]
+        # No row names it any more, but it stopped being named just now: it stays for the
+        # grace period from here (a dump taken a moment ago still names it).
+        result = storage.collect_garbage(api.rt)
+        assert (result.removed, result.recent) == (0, 1)
+        assert store.exists(first)
+        assert storage.collect_garbage(api.rt, grace_s=0).removed == 1
+        assert not store.exists(first)
+
+
+def test_collection_after_each_round(tmp_path: Path, model_cache: Path) -> None:
+    """The aggregation job collects after its commit: with no grace period, a pruned
+    snapshot is gone as soon as the next round closes."""
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(tmp_path / "data", url, model_cache, keep_snapshots=1, blob_grace_s=0) as api:
+        run_id, _, snapshots, _ = _play(api, rounds=3)
+        assert [api.rt.blobs.exists(snapshots[n]) for n in (1, 2, 3)] == [False, False, True]
+        check_consistent(url, api.settings.data_dir, run_id)
+
+
+def test_a_client_whose_plan_names_a_pruned_snapshot_asks_again(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from agent.participant import StalePlanError
+
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(tmp_path / "data", url, model_cache, keep_snapshots=1) as api:
+        created = api.create_run(rounds=3)
+        run_id = created["id"]
+        agents = []
+        for i in range(3):
+            _, token = api.enroll(run_id, f"site-{i}")
+            agents.append(FakeAgent(api.agent(run_id, token), seed=i))
+        api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+        for a in agents:
+            a.play_round()
+        # A slow download: the plan (round 1's snapshot) is made now, used after round 2
+        # has closed and pruned that snapshot.
+        slow = FakeAgent(agents[2].agent, seed=7)
+        stale_plan = slow.agent.sync(None)
+        assert stale_plan["snapshot"]["round"] == 1
+        for a in agents:
+            a.play_round()
+        assert [r["snapshot_kept"] for r in api.rounds(run_id)][:2] == [False, True]
+        with pytest.raises(StalePlanError) as e:
+            slow.apply(stale_plan)
+        assert "snapshot of round 1 is no longer served" in str(e.value)
+        assert (e.value.state, e.value.have_round) == (None, -1)  # nothing applied
+        slow.catch_up()  # a fresh plan
+        assert slow.have_round == 2 and slow.state is not None
+        assert state_digest(slow.state) == api.rounds(run_id)[1]["digest"]
+
+
+def test_gc_command(tmp_path: Path, model_cache: Path, monkeypatch, capsys) -> None:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(
+        tmp_path / "data", url, model_cache, keep_snapshots=1, gc_after_round=False
+    ) as api:
+        _, _, snapshots, _ = _play(api, rounds=3)
+    monkeypatch.setenv("FEDSRD_DATABASE_URL", url)
+    args = ["gc", "--data-dir", str(tmp_path / "data"), "--grace", "0"]
+    assert cli.main([*args, "--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert (dry["dry_run"], dry["removed"]) == (True, 2)
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == 2
+    store = LocalBlobStore(tmp_path / "data" / "blobs")
+    assert [store.exists(snapshots[n]) for n in (1, 2, 3)] == [False, False, True]
+
+
+def test_an_s3_store_is_not_collected(
+    s3_server: str, tmp_path: Path, model_cache: Path, monkeypatch, capsys
+) -> None:
+    from tests.conftest import S3_TEST_BUCKET
+
+    blob_url = f"s3://{S3_TEST_BUCKET}/gc-{tmp_path.name}"
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(
+        tmp_path / "data", url, model_cache, blob_url=blob_url, s3_endpoint_url=s3_server
+    ) as api:
+        orphan = api.rt.blobs.put_bytes(b"named by no row")
+        result = storage.collect_garbage(api.rt, grace_s=0)
+        assert not result.supported and result.removed == 0
+        assert api.rt.blobs.exists(orphan.sha256)
+    for k, v in {
+        "FEDSRD_DATABASE_URL": url,
+        "FEDSRD_BLOB_URL": blob_url,
+        "FEDSRD_S3_ENDPOINT_URL": s3_server,
+    }.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["gc", "--data-dir", str(tmp_path / "data"), "--grace", "0"]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out)["supported"] is False
+    assert "only a local directory" in out.err

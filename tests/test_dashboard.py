@@ -452,6 +452,7 @@ def _round(
         digest=None,
         delta_size=None,
         snapshot_size=None,
+        snapshot_kept=closed is not None,
         metrics=kw.get("metrics", {}),
         traffic=None,
         attempts=0,

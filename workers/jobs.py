@@ -22,6 +22,7 @@ from api.models import Client, Round, Run, Update
 from api.runtime import Runtime
 from api.services import clients as client_service
 from api.services import rounds as round_service
+from api.services import storage as storage_service
 from api.services import updates as update_service
 from api.services.runs import resolve_model
 from api.services.states import (
@@ -65,6 +66,15 @@ def aggregate_round(rt: Runtime, round_id: int) -> None:
     except Exception as e:
         log.exception("aggregation of round %d failed", round_id)
         round_service.fail_aggregation(rt, round_id, f"{type(e).__name__}: {e}")
+        return
+    if rt.settings.gc_after_round:
+        # After the round's commit (the next round is already open): the snapshots it
+        # pruned, once past the grace period, and any other garbage. A failure here only
+        # postpones the collection to the next round.
+        try:
+            storage_service.collect_garbage(rt)
+        except Exception:
+            log.exception("blob garbage collection after round %d failed", round_id)
 
 
 def _aggregate(rt: Runtime, round_id: int) -> None:

@@ -163,6 +163,7 @@ def list_rounds(run_id: RunId, rt: RuntimeDep) -> RoundsPublic:
             digest=r.digest,
             delta_size=r.delta_size,
             snapshot_size=r.snapshot_size,
+            snapshot_kept=r.snapshot_blob is not None,
             metrics=r.metrics,
             traffic=(
                 round_traffic(params, len(uploaded), int(r.metrics["bytes_up"]), r.delta_size)
@@ -187,13 +188,13 @@ def export_adapter(
 ) -> Response:
     """The global adapter after ``round`` (default: the newest closed round) as a zipped
     peft directory (adapter_config.json + adapter_model.safetensors)."""
-    from api.services.states import load_state, snapshot_blob
+    from api.services.states import has_state, load_state
     from fedsrd_core.export import adapter_zip
 
     run, rows = run_service.rounds_of(rt, run_id)
     closed = [r.number for r, _ in rows if r.status == "closed"]
     number = round if round is not None else (max(closed) if closed else 0)
-    if snapshot_blob(run, number) is None:
+    if not has_state(run, number):
         if run.status == "created":
             raise Conflict(f"run {run_id} has not been launched; there is no adapter yet")
         raise NotFound(f"run {run_id} has no global state for round {number}")

@@ -225,6 +225,11 @@ def complete_aggregation(
         rnd.delta_blob, rnd.delta_size = delta
         rnd.snapshot_blob, rnd.snapshot_size = snapshot
         rnd.digest = digest
+        for sha in prune_snapshots(s, run, rnd.number, rt.settings.keep_snapshots):
+            # Before the commit: from the moment no row names it, garbage collection leaves
+            # the blob for its grace period (a backup's dump taken just before still finds
+            # it). A rollback only leaves it renewed.
+            rt.blobs.renew(sha)
         turnaround = None
         rnd.metrics = {**rnd.metrics, **metrics}
         traffic = round_traffic(
@@ -250,6 +255,29 @@ def complete_aggregation(
             run_id, number = run.id, rnd.number
             tx.after_commit(lambda: rt.dispatcher.evaluate(run_id, number))
         return True
+
+
+def prune_snapshots(s: Session, run: Run, newest: int, keep: int) -> list[str]:
+    """Stop naming the snapshots of the run's rounds before the newest ``keep`` (0: keep
+    all), newest being the round just closed; their blob keys. They become garbage unless
+    another row names the same content (:mod:`api.services.storage` collects them). The
+    states stay reachable: the initial state and the global deltas are never pruned
+    (:func:`api.services.states.load_state`)."""
+    if keep <= 0:
+        return []
+    old = s.scalars(
+        select(Round).where(
+            Round.run_id == run.id,
+            Round.number <= newest - keep,
+            Round.snapshot_blob.is_not(None),
+        )
+    ).all()
+    pruned = []
+    for r in old:
+        assert r.snapshot_blob is not None
+        pruned.append(r.snapshot_blob)
+        r.snapshot_blob = None
+    return pruned
 
 
 def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:

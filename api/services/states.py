@@ -7,8 +7,8 @@ from typing import Any
 from api.models import Run
 from api.runtime import Runtime
 from fedsrd_core.codec import ValueDType
-from fedsrd_core.snapshot import decode_snapshot, shape_state
-from fedsrd_core.state import GlobalState
+from fedsrd_core.snapshot import decode_global_delta, decode_snapshot, shape_state
+from fedsrd_core.state import GlobalState, state_digest
 from fedsrd_core.strategies import Strategy, get_strategy
 
 # Header bytes per entry: name (<=65535), shape (8 dims x 8 bytes), counts and codes.
@@ -57,31 +57,70 @@ def lora_parameters(run: Run) -> int:
 
 
 def snapshot_blob(run: Run, round_number: int) -> tuple[str, str] | None:
-    """(sha256, digest) of the global state after ``round_number`` (0: the initial state)."""
+    """(sha256, digest) of the *kept* snapshot of the global state after ``round_number``
+    (0: the initial state); None if that round has not closed or its snapshot was pruned
+    (:func:`api.services.rounds.prune_snapshots`; :func:`has_state` tells them apart)."""
     if round_number == 0:
         if run.initial_blob is None or run.initial_digest is None:
             return None
         return run.initial_blob, run.initial_digest
     for r in run.rounds:
         if r.number == round_number and r.status == "closed":
-            assert r.snapshot_blob is not None
+            if r.snapshot_blob is None:
+                return None
             assert r.digest is not None
             return r.snapshot_blob, r.digest
     return None
 
 
+def has_state(run: Run, round_number: int) -> bool:
+    """Whether the global state after ``round_number`` exists (launched; that round closed),
+    snapshot kept or not."""
+    if round_number == 0:
+        return run.initial_blob is not None
+    return any(r.number == round_number and r.status == "closed" for r in run.rounds)
+
+
 def snapshot_sha(run: Run, round_number: int) -> str:
-    """The snapshot blob of the state after ``round_number``; LookupError if there is none."""
+    """The kept snapshot blob of the state after ``round_number``; LookupError if there is
+    none (the round has not closed, or its snapshot was pruned)."""
     found = snapshot_blob(run, round_number)
     if found is None:
-        raise LookupError(f"run {run.id} has no state for round {round_number}")
+        raise LookupError(f"run {run.id} has no kept snapshot for round {round_number}")
     return found[0]
 
 
+class StoredStateError(Exception):
+    """The stored blobs do not lead to the digest recorded for a round (corruption)."""
+
+
 def load_state(rt: Runtime, run: Run, round_number: int) -> GlobalState:
-    """The global state after ``round_number``, decoded from its snapshot blob."""
-    sha = snapshot_sha(run, round_number)
+    """The global state after ``round_number``: its snapshot, or, where that was pruned, the
+    newest kept snapshot before it (at worst the initial state) with the global deltas
+    since applied in order, exactly as clients apply them, each checked against its round's
+    digest. LookupError if there is no such state."""
+    if not has_state(run, round_number):
+        raise LookupError(f"run {run.id} has no state for round {round_number}")
+    base = round_number
+    while snapshot_blob(run, base) is None:
+        base -= 1  # round 0, the initial state, is never pruned
     # Decoded from the store's view of the blob (a mapped file where blobs are local): the
     # decoded factors are the only copy this process holds.
-    with rt.blobs.mapped(sha) as view:
-        return decode_snapshot(view, layout_of(run), rank_of(run))
+    layout, rank = layout_of(run), rank_of(run)
+    with rt.blobs.mapped(snapshot_sha(run, base)) as view:
+        state = decode_snapshot(view, layout, rank)
+    if base == round_number:
+        return state
+    strategy = strategy_of(run)
+    rounds = {r.number: r for r in run.rounds if r.status == "closed"}
+    for n in range(base + 1, round_number + 1):
+        r = rounds[n]
+        assert r.delta_blob is not None
+        delta = decode_global_delta(rt.blobs.read_bytes(r.delta_blob), layout, rank)
+        strategy.apply_global(state, delta)
+        if state_digest(state) != r.digest:
+            raise StoredStateError(
+                f"run {run.id}: the stored global delta of round {n} does not lead to the "
+                f"digest recorded for that round"
+            )
+    return state
