@@ -429,3 +429,28 @@ def test_an_s3_store_is_not_collected(
     out = capsys.readouterr()
     assert json.loads(out.out)["supported"] is False
     assert "only a local directory" in out.err
+
+
+def test_a_participant_keeps_the_progress_of_a_plan_that_went_stale(
+    tmp_path: Path, model_cache: Path, tiny_model: Path
+) -> None:
+    """The agent's own state keeper: what it applied before a blob of the plan turned out to
+    be gone stays (checked against its digest), so the fresh plan starts from there."""
+    from agent.participant import Participant, StalePlanError
+    from fedsrd_core.data import generate
+    from fedsrd_core.modeling import load_causal_lm
+
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(tmp_path / "data", url, model_cache) as api:
+        run_id, digests, _, agents = _play(api, rounds=2)
+        client = agents[0].agent
+        model, tok = load_causal_lm(str(tiny_model))
+        p = Participant(client, model, tok, generate("code", 4, seed=0), agents[0].info)
+        plan = client.sync(None)  # the snapshot of round 2
+        assert plan["snapshot"]["round"] == 2
+        # The same snapshot, then a delta whose blob the server does not have.
+        gone = {"round": 3, "sha256": "f" * 64, "size": 1, "digest": "0" * 64}
+        with pytest.raises(StalePlanError, match="delta of round 3 is no longer served"):
+            p.sync({**plan, "deltas": [gone]})
+        assert p.have_round == 2 and p.state is not None
+        assert state_digest(p.state) == digests[2]
