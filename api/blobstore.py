@@ -27,11 +27,12 @@ Invariants every implementation keeps, and every caller relies on:
 * **Deletion is garbage collection.** :meth:`BlobStore.collect` removes a blob that no row
   references, safely against a writer storing the same content at that moment: a writer
   that finds its content already stored marks it stored again (a local store sets the
-  file's modification time), a collector only removes blobs stored longer ago than a grace
-  period (longer than any writer takes from storing a blob to committing the row that
-  names it), and it takes the blob out of place *before* its last check, so a writer that
-  comes after that stores its own copy. :meth:`BlobStore.delete` is unconditional (tests
-  and the collector's last step only).
+  file's modification time, S3 copies the object onto itself), a collector only removes
+  blobs stored longer ago than a grace period (longer than any writer takes from storing a
+  blob to committing the row that names it), and a writer that comes after its last check
+  keeps its own copy (locally the blob was moved aside before that check; a versioned
+  bucket deletes only the version the collector listed). :meth:`BlobStore.delete` is
+  unconditional (tests and the collector's last step only).
 * **Never unpickled.** Blobs are untrusted client bytes. They are decoded only by the wire
   codec or safetensors, never by ``pickle`` or ``torch.load`` without ``weights_only=True``.
 * **Keys are validated.** Every method taking a key rejects anything but 64 lowercase hex
@@ -184,6 +185,8 @@ class StoredBlob:
     sha256: str
     size: int
     stored_at: float
+    #: The store's version of the blob that was listed (S3's version id), for :meth:`collect`.
+    version: str | None = None
 
 
 class BlobWriter(Protocol):
@@ -455,22 +458,28 @@ class BlobStore(ABC):
         _check_key(sha)
         return None
 
-    #: Whether :meth:`list_blobs` and :meth:`collect` are implemented (garbage collection).
-    supports_collection: ClassVar[bool] = False
+    def can_collect(self) -> bool:
+        """Whether this store can collect garbage safely (:meth:`list_blobs`,
+        :meth:`collect`): a local directory can; an S3 bucket only with versioning on."""
+        return False
 
     def list_blobs(self) -> Iterator[StoredBlob]:
         """Every stored blob, in no particular order (garbage collection)."""
         raise NotImplementedError(f"{type(self).__name__} does not list its blobs")
 
-    def collect(self, sha: str, still_needed: Callable[[float], bool]) -> bool:
+    def collect(
+        self, sha: str, still_needed: Callable[[float], bool], *, version: str | None = None
+    ) -> bool:
         """Remove blob ``sha`` unless ``still_needed(stored_at)`` says otherwise; True if
         it is gone (False when it was already gone, or a writer stored it anew meanwhile).
 
-        ``still_needed`` is asked *after* the blob has been taken out of place, with the time
-        it was last stored, and should check that time against the grace period and the
-        database for rows naming the blob. A writer storing the same content before that
-        renewed ``stored_at``; one storing it after finds the blob missing and stores its own
-        copy. If ``still_needed`` is true or raises, the blob is put back.
+        ``still_needed`` gets the time the blob was last stored and should check it against
+        the grace period and the database for rows naming the blob. A writer storing the
+        same content before it is asked renewed ``stored_at``; one storing it later keeps its
+        own copy: a local store asks with the blob moved aside (the writer finds it missing
+        and puts its copy in place; if ``still_needed`` is true or raises, the blob is put
+        back), a versioned S3 bucket removes only the ``version`` listed and older ones (a
+        writer's renewal is a newer version).
         """
         raise NotImplementedError(f"{type(self).__name__} cannot collect garbage")
 
@@ -812,7 +821,8 @@ class LocalBlobStore(BlobStore):
     def delete(self, sha: str) -> None:
         _remove_quietly(str(self._blob_path(sha)))
 
-    supports_collection = True
+    def can_collect(self) -> bool:
+        return True
 
     def renew(self, sha: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -831,7 +841,9 @@ class LocalBlobStore(BlobStore):
                             continue
                         yield StoredBlob(e.name, st.st_size, st.st_mtime)
 
-    def collect(self, sha: str, still_needed: Callable[[float], bool]) -> bool:
+    def collect(
+        self, sha: str, still_needed: Callable[[float], bool], *, version: str | None = None
+    ) -> bool:
         src = self._blob_path(sha)
         held = self.gc_dir / f"{sha}.{uuid.uuid4().hex}"
         try:

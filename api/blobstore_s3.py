@@ -12,8 +12,11 @@ every invariant of :mod:`api.blobstore` and passes the same contract tests:
   visible only when the PutObject or the CompleteMultipartUpload succeeds, and atomically:
   readers never see a partial blob. Two writers of the same content both succeed; the bytes
   under the key are the same whichever lands last.
-* **Immutable, duplicate puts are no-ops.** A commit whose key already exists with the same
-  size uploads nothing.
+* **Immutable, duplicate puts upload nothing.** A commit whose key already exists with the
+  same size copies the object onto itself instead (server side, new metadata): its
+  modification time, and in a versioned bucket its version, is renewed, which garbage
+  collection relies on (:meth:`S3BlobStore.collect` removes only the version it listed and
+  older ones, so a renewal after the listing survives). Collection needs versioning on.
 * **No debris.** A failed multipart upload is aborted; the spool file is removed on commit,
   abort and failure. :meth:`S3BlobStore.cleanup_temp` removes stale spool files and aborts
   multipart uploads under the prefix that have not received a part for that long (a crashed
@@ -31,13 +34,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
@@ -52,6 +56,8 @@ from api.blobstore import (
     BlobNotFound,
     BlobRef,
     BlobStore,
+    InvalidBlobKey,
+    StoredBlob,
     TempFileWriter,
     _check_key,
     map_file,
@@ -66,6 +72,9 @@ __all__ = ["MIN_PART_SIZE", "S3BlobStore", "S3BlobWriter"]
 
 #: S3's smallest part (all but the last); also the largest blob sent in one PutObject here.
 MIN_PART_SIZE = 5 << 20
+#: The largest object one CopyObject copies.
+MAX_COPY_SIZE = 5 << 30
+log = logging.getLogger(__name__)
 #: 16 MiB parts: a 300 MiB upload is 19 requests; S3 allows 10,000 parts (160 GB here).
 DEFAULT_PART_SIZE = 16 << 20
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
@@ -99,7 +108,9 @@ class S3BlobWriter(TempFileWriter):
 
     def _publish(self, ref: BlobRef) -> None:
         self._close_temp(fsync=False)  # S3 holds the durable copy; the spool is scratch
-        if not self._store._has(ref):
+        # Already stored: renewed instead (a newer version that garbage collection leaves
+        # alone); gone meanwhile, or too large to copy in one request: uploaded again.
+        if not (self._store._has(ref) and self._store._renew(ref.sha256, ref.size)):
             self._store._upload(self._tmp_path, ref)
         self._discard()
 
@@ -134,6 +145,7 @@ class S3BlobStore(BlobStore):
         self._client = client
         self._client_pid = os.getpid() if client is not None else -1
         self._lock = threading.Lock()
+        self._versioned: bool | None = None
 
     @classmethod
     def from_url(
@@ -328,6 +340,96 @@ class S3BlobStore(BlobStore):
 
     def delete(self, sha: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha))
+
+    # ----------------------------------------------------------------------------------------
+    # Garbage collection (versioned buckets)
+    # ----------------------------------------------------------------------------------------
+
+    def _renew(self, sha: str, size: int | None = None) -> bool:
+        """Copy the object onto itself with fresh metadata: a new version (or, without
+        versioning, the same key) last modified now. False if it is missing or larger than
+        one CopyObject can copy (5 GiB)."""
+        if size is not None and size > MAX_COPY_SIZE:
+            return False
+        key = self.key(sha)
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                MetadataDirective="REPLACE",  # S3 refuses a copy onto itself that changes nothing
+                Metadata={"stored-at": dt.datetime.now(dt.UTC).isoformat()},
+                ContentType="application/octet-stream",
+            )
+        except ClientError as e:
+            if _is_not_found(e) or str(e.response.get("Error", {}).get("Code")) == "InvalidRequest":
+                return False
+            raise
+        return True
+
+    def renew(self, sha: str) -> None:
+        try:
+            size = self.size(sha)
+        except BlobNotFound:
+            return
+        if not self._renew(sha, size):
+            log.warning("blob %s not renewed (missing or over 5 GiB)", sha)
+
+    def can_collect(self) -> bool:
+        """With versioning on, a collector removes only the version it listed, never the
+        newer one a concurrent writer's renewal made; without it, there is no safe way."""
+        if self._versioned is None:
+            status = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+            self._versioned = status == "Enabled"
+        return self._versioned
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}sha256/"
+        )
+        for page in pages:
+            for v in page.get("Versions", []):
+                sha = v["Key"].rsplit("/", 1)[-1]
+                if v.get("IsLatest") and v["Key"] == self._key_or_none(sha):
+                    yield StoredBlob(
+                        sha, int(v["Size"]), v["LastModified"].timestamp(), v["VersionId"]
+                    )
+
+    def _key_or_none(self, name: str) -> str | None:
+        try:
+            return self.key(name)
+        except InvalidBlobKey:
+            return None
+
+    def collect(
+        self, sha: str, still_needed: Callable[[float], bool], *, version: str | None = None
+    ) -> bool:
+        if version is None:
+            raise ValueError("an S3 store collects a listed version (StoredBlob.version)")
+        key = self.key(sha)
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=key
+        )
+        # S3 lists a key's versions newest first (by its own order: LastModified has only
+        # second precision). The listed version and every older one (the same bytes) go; a
+        # newer one, a writer's since the listing, stays.
+        entries = [e for page in pages for e in page.get("Versions", []) if e["Key"] == key]
+        ids = [e["VersionId"] for e in entries]
+        if version not in ids:
+            return False
+        listed = next(e for e in entries if e["VersionId"] == version)
+        if still_needed(listed["LastModified"].timestamp()):
+            return False
+        doomed = ids[ids.index(version) :]
+        for i in range(0, len(doomed), 1000):
+            self.client.delete_objects(
+                Bucket=self.bucket,
+                Delete={
+                    "Objects": [{"Key": key, "VersionId": v} for v in doomed[i : i + 1000]],
+                    "Quiet": True,
+                },
+            )
+        return not self.exists(sha)
 
     # ----------------------------------------------------------------------------------------
     # Temp data

@@ -115,7 +115,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(json.dumps(result.as_dict()))
     if not result.supported:
         print(
-            "this blob store cannot be garbage-collected safely (only a local directory can)",
+            "this blob store cannot be garbage-collected safely: only a local directory or "
+            "an S3 bucket with versioning enabled can",
             file=sys.stderr,
         )
         return 2

@@ -100,6 +100,8 @@ def _quiet_hf() -> None:
 # --------------------------------------------------------------------------------------------
 
 S3_TEST_BUCKET = "fedsrd-test"
+#: The same with object versioning on (garbage collection needs it).
+S3_VERSIONED_BUCKET = "fedsrd-test-versioned"
 #: Dummy credentials: the server checks none, and boto3 must never look further (a real
 #: profile, an instance role) for any.
 S3_TEST_ENV = {
@@ -117,7 +119,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server in a subprocess on 127.0.0.1 (a free port); yields its endpoint URL.
 
     The process environment gets dummy AWS credentials for the session (restored after), and
-    the bucket ``S3_TEST_BUCKET`` exists; tests keep apart by using their own key prefixes.
+    the buckets ``S3_TEST_BUCKET`` and ``S3_VERSIONED_BUCKET`` (versioning on) exist; tests keep
+    apart by using their own key prefixes.
     """
     import sys
 
@@ -143,8 +146,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pytest.fail(f"moto's S3 server did not start:\n{log.read_text()}")
             time.sleep(0.1)
         url = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(
-            Bucket=S3_TEST_BUCKET
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        s3.create_bucket(Bucket=S3_TEST_BUCKET)
+        s3.create_bucket(Bucket=S3_VERSIONED_BUCKET)
+        s3.put_bucket_versioning(
+            Bucket=S3_VERSIONED_BUCKET, VersioningConfiguration={"Status": "Enabled"}
         )
         yield url
     finally:

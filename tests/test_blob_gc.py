@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from api import cli
 from api.blobstore import LocalBlobStore
+from api.blobstore_s3 import S3BlobStore
 from api.models import Round, Run, Update
 from api.services import storage
 from api.services.states import load_state
@@ -405,7 +406,7 @@ def test_gc_command(tmp_path: Path, model_cache: Path, monkeypatch, capsys) -> N
     assert [store.exists(snapshots[n]) for n in (1, 2, 3)] == [False, False, True]
 
 
-def test_an_s3_store_is_not_collected(
+def test_an_unversioned_s3_store_is_not_collected(
     s3_server: str, tmp_path: Path, model_cache: Path, monkeypatch, capsys
 ) -> None:
     from tests.conftest import S3_TEST_BUCKET
@@ -428,7 +429,7 @@ def test_an_s3_store_is_not_collected(
     assert cli.main(["gc", "--data-dir", str(tmp_path / "data"), "--grace", "0"]) == 2
     out = capsys.readouterr()
     assert json.loads(out.out)["supported"] is False
-    assert "only a local directory" in out.err
+    assert "versioning enabled" in out.err
 
 
 def test_a_participant_keeps_the_progress_of_a_plan_that_went_stale(
@@ -454,3 +455,102 @@ def test_a_participant_keeps_the_progress_of_a_plan_that_went_stale(
             p.sync({**plan, "deltas": [gone]})
         assert p.have_round == 2 and p.state is not None
         assert state_digest(p.state) == digests[2]
+
+
+# -- S3 (versioned bucket) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def versioned(s3_server: str, tmp_path: Path) -> S3BlobStore:
+    from tests.conftest import S3_VERSIONED_BUCKET
+
+    return S3BlobStore(
+        S3_VERSIONED_BUCKET,
+        f"gc-{tmp_path.name}",
+        endpoint_url=s3_server,
+        spool_dir=tmp_path / "spool",
+    )
+
+
+def test_s3_collection_needs_versioning(versioned: S3BlobStore, s3_server: str, tmp_path: Path):
+    from tests.conftest import S3_TEST_BUCKET
+
+    plain = S3BlobStore(S3_TEST_BUCKET, "gc", endpoint_url=s3_server, spool_dir=tmp_path)
+    assert versioned.can_collect() and not plain.can_collect()
+
+
+def test_s3_collect_removes_only_the_listed_version(versioned: S3BlobStore) -> None:
+    store = versioned
+    gone, kept = store.put_bytes(b"garbage"), store.put_bytes(b"still named")
+    listed = {b.sha256: b for b in store.list_blobs()}
+    assert set(listed) == {gone.sha256, kept.sha256}
+    assert listed[gone.sha256].size == gone.size and listed[gone.sha256].version
+    seen: list[float] = []
+
+    def unneeded(stored_at: float) -> bool:
+        seen.append(stored_at)
+        return False
+
+    assert store.collect(gone.sha256, unneeded, version=listed[gone.sha256].version)
+    assert not store.exists(gone.sha256)
+    assert seen and abs(seen[0] - time.time()) < 120
+    assert not store.collect(kept.sha256, lambda _: True, version=listed[kept.sha256].version)
+    assert store.read_bytes(kept.sha256) == b"still named"
+    # Already gone, or a version that is not there: nothing to do.
+    assert not store.collect(gone.sha256, unneeded, version=listed[gone.sha256].version)
+    assert {b.sha256 for b in store.list_blobs()} == {kept.sha256}
+
+
+def test_s3_writer_after_the_listing_keeps_its_version(versioned: S3BlobStore) -> None:
+    store = versioned
+    ref = store.put_bytes(b"racing")
+    (listed,) = list(store.list_blobs())
+    # Another run stores the same content after the collector listed it: the writer renews
+    # the object (a copy onto itself), a newer version the collector does not touch.
+    assert store.put_bytes(b"racing") == ref
+    assert store.collect(ref.sha256, lambda _: False, version=listed.version) is False
+    assert store.read_bytes(ref.sha256) == b"racing"
+    (now,) = list(store.list_blobs())
+    assert now.version != listed.version
+    assert store.collect(ref.sha256, lambda _: False, version=now.version)
+    assert not store.exists(ref.sha256)
+
+
+def test_s3_renew_of_a_missing_blob_is_a_no_op(versioned: S3BlobStore) -> None:
+    versioned.renew("ab" * 32)
+    assert not versioned._renew("ab" * 32)
+    ref = versioned.put_bytes(b"renewed")
+    (before,) = list(versioned.list_blobs())
+    versioned.renew(ref.sha256)
+    (after,) = list(versioned.list_blobs())
+    assert after.version != before.version
+    assert versioned.read_bytes(ref.sha256) == b"renewed"
+
+
+def test_versioned_s3_store_collects_pruned_snapshots(
+    s3_server: str, tmp_path: Path, model_cache: Path
+) -> None:
+    from tests.conftest import S3_VERSIONED_BUCKET
+
+    blob_url = f"s3://{S3_VERSIONED_BUCKET}/gc-run-{tmp_path.name}"
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(
+        tmp_path / "data",
+        url,
+        model_cache,
+        blob_url=blob_url,
+        s3_endpoint_url=s3_server,
+        keep_snapshots=1,
+        gc_after_round=False,
+    ) as api:
+        run_id, digests, snapshots, _ = _play(api, rounds=3)
+        store = api.rt.blobs
+        assert storage.collect_garbage(api.rt).removed == 0  # all within the grace period
+        result = storage.collect_garbage(api.rt, grace_s=0)
+        assert result.supported and result.removed == 2
+        assert [store.exists(snapshots[n]) for n in (1, 2, 3)] == [False, False, True]
+        check_consistent(url, api.settings.data_dir, run_id, store=store)
+        with api.rt.sessions() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            assert state_digest(load_state(api.rt, run, 1)) == digests[1]

@@ -12,9 +12,11 @@ Why the grace period and the store's two-step removal (:meth:`BlobStore.collect`
 stores a blob *before* the transaction that names it commits, and a writer whose content is
 already stored keeps the existing blob. Between those two moments no row names the blob. So
 a writer marks a blob stored again when it finds it (a local store renews the file's
-modification time), the collector passes over blobs stored within the grace period, and it
-asks the database again only after taking the blob out of place, when a writer that comes
-later stores its own copy instead. The grace period must exceed the longest time from
+modification time; S3 copies the object onto itself, a new version), the collector passes
+over blobs stored within the grace period, and its last database check comes when a writer
+that comes later keeps its own copy: a local store has moved the blob aside (the writer
+puts its copy in place), a versioned bucket deletes only the version listed (the writer's
+renewal is newer). The grace period must exceed the longest time from
 storing a blob to committing its row (milliseconds for an upload, seconds for an
 aggregation); the default is an hour.
 """
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 class Collection:
     """What one garbage collection did (or, with ``dry_run``, would do)."""
 
-    #: False when the blob store cannot list and remove blobs safely (S3): nothing was done.
+    #: False when the blob store cannot collect safely (S3 without versioning): nothing done.
     supported: bool
     dry_run: bool = False
     #: Blobs in the store.
@@ -87,7 +89,7 @@ def collect_garbage(
     (default ``FEDSRD_BLOB_GRACE_S``) seconds ago. Safe to run at any time, in any process,
     alongside uploads, aggregations and other collections (see the module docstring)."""
     store = rt.blobs
-    if not store.supports_collection:
+    if not store.can_collect():
         return Collection(supported=False, dry_run=dry_run)
     grace = rt.settings.blob_grace_s if grace_s is None else grace_s
     if grace < 0:
@@ -116,7 +118,7 @@ def collect_garbage(
         if blob.stored_at > time.time() - grace:
             recent += 1
             continue
-        if dry_run or store.collect(blob.sha256, still_needed(blob.sha256)):
+        if dry_run or store.collect(blob.sha256, still_needed(blob.sha256), version=blob.version):
             removed += 1
             removed_bytes += blob.size
     result = Collection(
