@@ -32,7 +32,7 @@ Invariants every implementation keeps, and every caller relies on:
   blob to committing the row that names it), and a writer that comes after its last check
   keeps its own copy (locally the blob was moved aside before that check; a versioned
   bucket deletes only the version the collector listed). :meth:`BlobStore.delete` is
-  unconditional (tests and the collector's last step only).
+  unconditional (for tests and operators; nothing in the service calls it).
 * **Never unpickled.** Blobs are untrusted client bytes. They are decoded only by the wire
   codec or safetensors, never by ``pickle`` or ``torch.load`` without ``weights_only=True``.
 * **Keys are validated.** Every method taking a key rejects anything but 64 lowercase hex
