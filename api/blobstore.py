@@ -446,7 +446,8 @@ class BlobStore(ABC):
 
     @abstractmethod
     def delete(self, sha: str) -> None:
-        """Remove the blob; no error if it is missing. For garbage collection only."""
+        """Remove the blob; no error if it is missing. Unconditional: garbage collection uses
+        :meth:`collect`, which is safe against concurrent writers."""
 
     def local_path(self, sha: str) -> Path | None:
         """The blob's file, where the store keeps blobs as local files; None otherwise.
