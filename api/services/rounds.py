@@ -212,6 +212,19 @@ def complete_aggregation(
     Idempotent: only a round still ``aggregating`` is changed, so a second run of the task
     (redelivered, or re-sent by reconciliation) changes nothing.
     """
+    keep = rt.settings.keep_snapshots
+    # The snapshots this round will prune are renewed first, outside the locked transaction
+    # (on S3 a renewal copies the object): from the moment no row names one, garbage
+    # collection leaves it for its grace period (a backup's dump taken just before still
+    # finds it). The set cannot change before the transaction below: a run's rounds close
+    # one at a time, and this one has not. (If this call finds the round already closed,
+    # the renewals only delay those blobs' collection.)
+    with rt.sessions() as s:
+        this = s.get(Round, round_id)
+        prunable = [] if this is None else prunable_snapshots(s, this.run_id, this.number, keep)
+        shas = [str(r.snapshot_blob) for r in prunable]
+    for sha in shas:
+        rt.blobs.renew(sha)
     with rt.transaction() as tx:
         s = tx.session
         locked = lock_run_and_round(s, round_id)
@@ -225,11 +238,8 @@ def complete_aggregation(
         rnd.delta_blob, rnd.delta_size = delta
         rnd.snapshot_blob, rnd.snapshot_size = snapshot
         rnd.digest = digest
-        for sha in prune_snapshots(s, run, rnd.number, rt.settings.keep_snapshots):
-            # Before the commit: from the moment no row names it, garbage collection leaves
-            # the blob for its grace period (a backup's dump taken just before still finds
-            # it). A rollback only leaves it renewed.
-            rt.blobs.renew(sha)
+        for old in prunable_snapshots(s, run.id, rnd.number, keep):
+            old.snapshot_blob = None
         turnaround = None
         rnd.metrics = {**rnd.metrics, **metrics}
         traffic = round_traffic(
@@ -257,27 +267,23 @@ def complete_aggregation(
         return True
 
 
-def prune_snapshots(s: Session, run: Run, newest: int, keep: int) -> list[str]:
-    """Stop naming the snapshots of the run's rounds before the newest ``keep`` (0: keep
-    all), newest being the round just closed; their blob keys. They become garbage unless
-    another row names the same content (:mod:`api.services.storage` collects them). The
-    states stay reachable: the initial state and the global deltas are never pruned
+def prunable_snapshots(s: Session, run_id: int, newest: int, keep: int) -> list[Round]:
+    """The rounds whose snapshots closing round ``newest`` stops naming: those before the
+    newest ``keep`` (0: none) that still name one. Their blobs become garbage unless another
+    row names the same content (:mod:`api.services.storage` collects them). The states stay
+    reachable: the initial state and the global deltas are never pruned
     (:func:`api.services.states.load_state`)."""
     if keep <= 0:
         return []
-    old = s.scalars(
-        select(Round).where(
-            Round.run_id == run.id,
-            Round.number <= newest - keep,
-            Round.snapshot_blob.is_not(None),
+    return list(
+        s.scalars(
+            select(Round).where(
+                Round.run_id == run_id,
+                Round.number <= newest - keep,
+                Round.snapshot_blob.is_not(None),
+            )
         )
-    ).all()
-    pruned = []
-    for r in old:
-        assert r.snapshot_blob is not None
-        pruned.append(r.snapshot_blob)
-        r.snapshot_blob = None
-    return pruned
+    )
 
 
 def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:

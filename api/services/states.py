@@ -59,7 +59,7 @@ def lora_parameters(run: Run) -> int:
 def snapshot_blob(run: Run, round_number: int) -> tuple[str, str] | None:
     """(sha256, digest) of the *kept* snapshot of the global state after ``round_number``
     (0: the initial state); None if that round has not closed or its snapshot was pruned
-    (:func:`api.services.rounds.prune_snapshots`; :func:`has_state` tells them apart)."""
+    (:func:`api.services.rounds.prunable_snapshots`; :func:`has_state` tells them apart)."""
     if round_number == 0:
         if run.initial_blob is None or run.initial_digest is None:
             return None

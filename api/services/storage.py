@@ -2,7 +2,7 @@
 the grace period (``FEDSRD_BLOB_GRACE_S``).
 
 What becomes garbage: the snapshots of rounds older than the newest
-``FEDSRD_KEEP_SNAPSHOTS`` (:func:`api.services.rounds.prune_snapshots`), an upload refused
+``FEDSRD_KEEP_SNAPSHOTS`` (:func:`api.services.rounds.prunable_snapshots`), an upload refused
 after its blob was stored (its round closed while it streamed in), and the blobs of an
 aggregation that crashed before its row was written. A blob is shared by every row naming
 the same content (identical runs produce identical snapshots), so it goes only when no row
