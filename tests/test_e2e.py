@@ -182,6 +182,42 @@ def test_deadline_with_too_few_clients(pg_stack: System):
     s.check_consistent(run_id)
 
 
+def test_the_worker_collects_old_snapshots(pg_stack: System):
+    """Retention and collection in the real worker process: with one snapshot kept and no
+    grace period, the worker's collection after each round leaves exactly the blobs rows
+    name; clients and exports still reach every round."""
+    from api.blobstore import LocalBlobStore
+    from api.db import make_engine, make_session_factory
+    from api.services.storage import named_blobs
+
+    s = pg_stack
+    s.start_worker(FEDSRD_KEEP_SNAPSHOTS="1", FEDSRD_BLOB_GRACE_S="0")
+    run_id = s.create_run(rounds=3)["id"]
+    agents = _fake_agents(s, run_id)
+    s.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    for _ in range(3):
+        for a in agents:
+            assert a.play_round(wait=30) is not None
+    s.wait_run(run_id)
+    assert [r["snapshot_kept"] for r in s.rounds(run_id)] == [False, False, True]
+    store = LocalBlobStore(s.data_dir / "blobs")
+    engine = make_engine(s.env["FEDSRD_DATABASE_URL"])
+    try:
+        with make_session_factory(engine)() as session:
+            named = named_blobs(session)
+    finally:
+        engine.dispose()
+    deadline = time.monotonic() + 60  # the collection runs after the last round's commit
+    while {b.sha256 for b in store.list_blobs()} != named:
+        assert time.monotonic() < deadline, s.logs()
+        time.sleep(0.2)
+    late = FakeAgent(agents[0].agent, seed=9)
+    late.catch_up()
+    assert late.have_round == 3
+    assert s.admin("GET", f"/api/v1/runs/{run_id}/adapter?round=1").status_code == 200
+    s.check_consistent(run_id)
+
+
 def test_simulated_run_on_workers(stack: System):
     body = {
         "rounds": 2,
