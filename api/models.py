@@ -193,5 +193,8 @@ class Update(Base):
     num_samples: Mapped[int] = mapped_column(Integer)
     train_loss: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: When the blob stopped being kept (its round aggregated, past ``FEDSRD_KEEP_UPLOADS``):
+    #: garbage collection may remove it; ``blob`` still records what was accepted.
+    blob_released_at: Mapped[dt.datetime | None]
 
     round: Mapped[Round] = relationship(back_populates="updates")

@@ -52,10 +52,16 @@ class Settings(BaseSettings):
     #: Redis visibility timeout: longer than the longest task (aggregation of a 70B layout,
     #: a slow local round), or Redis redelivers a task that is still running.
     task_visibility_timeout: int = Field(default=6 * 3600, ge=60)
-    #: Snapshots kept per run: those of the newest N closed rounds (0: all). An older round's
-    #: state is rebuilt from the newest snapshot kept before it (or the initial state) and
-    #: the global deltas, which are always kept. Aggregation reads the newest, so N >= 1.
-    keep_snapshots: int = Field(default=2, ge=0)
+    #: Snapshots kept per run: those of the newest N closed rounds (-1: all). An older
+    #: round's state is rebuilt from the newest snapshot kept before it (or the initial
+    #: state) and the global deltas, which are always kept. Aggregation reads the newest,
+    #: so N >= 1.
+    keep_snapshots: int = Field(default=2, ge=-1)
+    #: Client updates kept per run: those of the newest N closed rounds (-1: all; 0: none,
+    #: released as soon as their round is aggregated). A released update's row stays (size,
+    #: samples, loss, its SHA-256); its blob goes to garbage collection. Individual updates
+    #: can leak training data, so keeping none is the default.
+    keep_uploads: int = Field(default=0, ge=-1)
     #: Garbage collection removes a blob no row names only if it was last stored longer ago
     #: than this (seconds): longer than any writer takes from storing a blob to committing
     #: the row that names it, or a blob just stored again by another run could go.
@@ -68,6 +74,15 @@ class Settings(BaseSettings):
     #: Lifetime of a dashboard sign-in (seconds). Sessions are signed with a key derived
     #: from the admin token: changing the token signs every browser out.
     session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+
+    @model_validator(mode="after")
+    def _keep_a_snapshot(self) -> Settings:
+        if self.keep_snapshots == 0:
+            raise ValueError(
+                "FEDSRD_KEEP_SNAPSHOTS must be at least 1 (aggregation reads the newest "
+                "snapshot), or -1 to keep all"
+            )
+        return self
 
     @model_validator(mode="after")
     def _secrets_outside_development(self) -> Settings:

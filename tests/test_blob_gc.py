@@ -226,7 +226,9 @@ def _adapter_tensors(api: Api, run_id: int, number: int) -> dict[str, object]:
 def test_old_snapshots_are_pruned_and_every_state_is_still_served(
     db_url: str, tmp_path: Path, model_cache: Path
 ) -> None:
-    with make_api(tmp_path / "data", db_url, model_cache, gc_after_round=False) as api:
+    with make_api(
+        tmp_path / "data", db_url, model_cache, gc_after_round=False, keep_uploads=-1
+    ) as api:
         run_id, digests, snapshots, agents = _play(api, rounds=4)
         store = api.rt.blobs
         assert [r["snapshot_kept"] for r in api.rounds(run_id)] == [False, False, True, True]
@@ -289,7 +291,12 @@ def test_old_snapshots_are_pruned_and_every_state_is_still_served(
 
 def test_a_blob_another_run_names_is_kept(db_url: str, tmp_path: Path, model_cache: Path) -> None:
     with make_api(
-        tmp_path / "data", db_url, model_cache, keep_snapshots=1, gc_after_round=False
+        tmp_path / "data",
+        db_url,
+        model_cache,
+        keep_snapshots=1,
+        gc_after_round=False,
+        keep_uploads=-1,
     ) as api:
         run_id, _, snapshots, _ = _play(api, rounds=3)
         other = api.create_run()  # not launched: it names nothing yet
@@ -306,13 +313,13 @@ def test_a_blob_another_run_names_is_kept(db_url: str, tmp_path: Path, model_cac
         assert api.rt.blobs.exists(snapshots[3])
 
 
-@pytest.mark.parametrize("keep", [0, 1])
+@pytest.mark.parametrize("keep", [-1, 1])
 def test_keep_setting(keep: int, tmp_path: Path, model_cache: Path) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     with make_api(tmp_path / "data", url, model_cache, keep_snapshots=keep) as api:
         run_id, *_ = _play(api, rounds=3)
         kept = [r["snapshot_kept"] for r in api.rounds(run_id)]
-        assert kept == ([True, True, True] if keep == 0 else [False, False, True])
+        assert kept == ([True, True, True] if keep == -1 else [False, False, True])
 
 
 def test_a_pruned_snapshot_is_kept_for_the_grace_period_after_pruning(
@@ -320,7 +327,12 @@ def test_a_pruned_snapshot_is_kept_for_the_grace_period_after_pruning(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     with make_api(
-        tmp_path / "data", url, model_cache, keep_snapshots=1, gc_after_round=False
+        tmp_path / "data",
+        url,
+        model_cache,
+        keep_snapshots=1,
+        gc_after_round=False,
+        keep_uploads=-1,
     ) as api:
         run_id = api.create_run(rounds=2)["id"]
         agents = [FakeAgent(api.agent(run_id, api.enroll(run_id, f"s{i}")[1])) for i in range(2)]
@@ -344,6 +356,78 @@ def test_a_pruned_snapshot_is_kept_for_the_grace_period_after_pruning(
         assert store.exists(first)
         assert storage.collect_garbage(api.rt, grace_s=0).removed == 1
         assert not store.exists(first)
+
+
+def _upload_rows(api: Api, run_id: int) -> list[tuple[int, str, bool]]:
+    """(round, blob, released) of every update of the run."""
+    with api.rt.sessions() as s:
+        rows = s.execute(
+            select(Round.number, Update.blob, Update.blob_released_at)
+            .join(Round, Update.round_id == Round.id)
+            .where(Round.run_id == run_id)
+            .order_by(Round.number, Update.client_id)
+        ).all()
+    return [(n, blob, released is not None) for n, blob, released in rows]
+
+
+@pytest.mark.parametrize("keep", [0, 1, -1])
+def test_uploads_are_released_after_their_round(
+    keep: int, db_url: str, tmp_path: Path, model_cache: Path
+) -> None:
+    with make_api(
+        tmp_path / "data", db_url, model_cache, keep_uploads=keep, gc_after_round=False
+    ) as api:
+        run_id, _, snapshots, _ = _play(api, rounds=3)
+        rows = _upload_rows(api, run_id)
+        assert [n for n, _, _ in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+        released = [gone for _, _, gone in rows]
+        newest_kept = {0: 4, 1: 3, -1: 1}[keep]  # the first round whose uploads stay
+        assert released == [n < newest_kept for n, _, _ in rows]
+        with api.rt.sessions() as s:
+            named = storage.named_blobs(s)
+        for _, blob, gone in rows:
+            assert (blob in named) is not gone
+        # Collection removes exactly the released uploads (the fake agents' updates all
+        # differ) and round 1's pruned snapshot.
+        result = storage.collect_garbage(api.rt, grace_s=0)
+        assert result.removed == sum(released) + 1
+        assert not api.rt.blobs.exists(snapshots[1])
+        for _, blob, gone in rows:
+            assert api.rt.blobs.exists(blob) is not gone
+        check_consistent(db_url, api.settings.data_dir, run_id)
+
+
+def test_an_identical_retry_of_a_released_upload_gets_the_same_answer(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(tmp_path / "data", url, model_cache, blob_grace_s=0) as api:
+        run_id = api.create_run(rounds=2)["id"]
+        agents = [FakeAgent(api.agent(run_id, api.enroll(run_id, f"s{i}")[1])) for i in range(2)]
+        api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+        blobs, answers = [], []
+        for a in agents:
+            answer = a.poll()
+            a.apply(answer["sync"])
+            blob = a.make_update(1)
+            blobs.append(blob)
+            answers.append(a.agent.upload(1, 0, blob, num_samples=4))
+        for a in agents:
+            a.play_round()  # round 2: round 1's uploads were released and collected
+        rows = _upload_rows(api, run_id)
+        assert all(gone for n, _, gone in rows if n == 1)
+        assert not api.rt.blobs.exists(answers[0]["sha256"])
+        again = agents[0].agent.upload(1, 0, blobs[0], num_samples=4)
+        assert {**again, "round_complete": True} == {**answers[0], "round_complete": True}
+
+
+def test_keep_snapshots_zero_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from api.settings import Settings
+
+    with pytest.raises(ValidationError, match="FEDSRD_KEEP_SNAPSHOTS must be at least 1"):
+        Settings(keep_snapshots=0)
 
 
 def test_collection_after_each_round(tmp_path: Path, model_cache: Path) -> None:
@@ -392,7 +476,12 @@ def test_a_client_whose_plan_names_a_pruned_snapshot_asks_again(
 def test_gc_command(tmp_path: Path, model_cache: Path, monkeypatch, capsys) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     with make_api(
-        tmp_path / "data", url, model_cache, keep_snapshots=1, gc_after_round=False
+        tmp_path / "data",
+        url,
+        model_cache,
+        keep_snapshots=1,
+        gc_after_round=False,
+        keep_uploads=-1,
     ) as api:
         _, _, snapshots, _ = _play(api, rounds=3)
     monkeypatch.setenv("FEDSRD_DATABASE_URL", url)
@@ -542,6 +631,7 @@ def test_versioned_s3_store_collects_pruned_snapshots(
         s3_endpoint_url=s3_server,
         keep_snapshots=1,
         gc_after_round=False,
+        keep_uploads=-1,
     ) as api:
         run_id, digests, snapshots, _ = _play(api, rounds=3)
         store = api.rt.blobs

@@ -89,7 +89,7 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
         updates = list(
             s.scalars(select(Update).where(Update.round_id == rnd.id).order_by(Update.client_id))
         )
-        number = rnd.number
+        number, run_id = rnd.number, run.id
         previous = snapshot_sha(run, number - 1)  # a failure fails the run (aggregate_round)
         strategy = strategy_of(run)
         shapes = upload_shapes(run)
@@ -140,6 +140,12 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
         digest=digest,
         metrics=metrics,
     )
+    # The round is closed: its uploads (and those of older rounds past FEDSRD_KEEP_UPLOADS)
+    # are no longer needed; a failure here is caught up on after the next round.
+    try:
+        update_service.release_uploads(rt, run_id, number)
+    except Exception:
+        log.exception("releasing the uploads of round %d failed", round_id)
 
 
 # -- models and data of simulated runs -------------------------------------------------------

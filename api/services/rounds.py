@@ -269,7 +269,7 @@ def complete_aggregation(
 
 def prunable_snapshots(s: Session, run_id: int, newest: int, keep: int) -> list[Round]:
     """The rounds whose snapshots closing round ``newest`` stops naming: those before the
-    newest ``keep`` (0: none) that still name one. Their blobs become garbage unless another
+    newest ``keep`` (-1: none) that still name one. Their blobs become garbage unless another
     row names the same content (:mod:`api.services.storage` collects them). The states stay
     reachable: the initial state and the global deltas are never pruned
     (:func:`api.services.states.load_state`)."""

@@ -2,7 +2,9 @@
 the grace period (``FEDSRD_BLOB_GRACE_S``).
 
 What becomes garbage: the snapshots of rounds older than the newest
-``FEDSRD_KEEP_SNAPSHOTS`` (:func:`api.services.rounds.prunable_snapshots`), an upload refused
+``FEDSRD_KEEP_SNAPSHOTS`` (:func:`api.services.rounds.prunable_snapshots`), client updates
+of rounds older than the newest ``FEDSRD_KEEP_UPLOADS`` (none kept by default:
+:func:`api.services.updates.release_uploads`), an upload refused
 after its blob was stored (its round closed while it streamed in), and the blobs of an
 aggregation that crashed before its row was written. A blob is shared by every row naming
 the same content (identical runs produce identical snapshots), so it goes only when no row
@@ -66,13 +68,13 @@ def _named_select() -> Any:
         select(Run.initial_blob).where(Run.initial_blob.is_not(None)),
         select(Round.delta_blob).where(Round.delta_blob.is_not(None)),
         select(Round.snapshot_blob).where(Round.snapshot_blob.is_not(None)),
-        select(Update.blob),
+        select(Update.blob).where(Update.blob_released_at.is_(None)),
     )
 
 
 def named_blobs(s: Session) -> set[str]:
     """The keys of every blob a row names (runs' initial states, rounds' deltas and kept
-    snapshots, clients' updates), over all runs."""
+    snapshots, clients' updates not yet released), over all runs."""
     return {str(sha) for sha in s.scalars(_named_select())}
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from api.blobstore import BlobRef, BlobWriter, BytesLike
 from api.errors import Conflict, Gone, InvalidInput, TooLarge
-from api.models import Client, Round, Run, Update
+from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime
 from api.services import clients as client_service
 from api.services import rounds as round_service
@@ -101,6 +101,48 @@ def _check(
             f"after round {number - 1}"
         )
     return run, rnd, None
+
+
+def releasable_uploads(s: Session, run_id: int, newest: int, keep: int) -> list[Update]:
+    """The updates whose blobs closing round ``newest`` releases: those of the run's rounds
+    before the newest ``keep`` (-1: none; 0: ``newest``'s own too) that are still kept."""
+    if keep < 0:
+        return []
+    return list(
+        s.scalars(
+            select(Update)
+            .join(Round, Update.round_id == Round.id)
+            .where(
+                Round.run_id == run_id,
+                Round.number <= newest - keep,
+                Update.blob_released_at.is_(None),
+            )
+        )
+    )
+
+
+def release_uploads(rt: Runtime, run_id: int, newest: int) -> int:
+    """After round ``newest`` closed: stop keeping the blobs of the run's updates past
+    ``FEDSRD_KEEP_UPLOADS`` (:func:`releasable_uploads`); how many. The rows stay, with the
+    SHA-256 of what was accepted; garbage collection may remove the blobs unless another
+    row names the same content. Idempotent, and it catches up on earlier rounds (a worker
+    that died between a round's close and this)."""
+    keep = rt.settings.keep_uploads
+    if keep < 0:
+        return 0
+    with rt.sessions() as s:
+        shas = {u.blob for u in releasable_uploads(s, run_id, newest, keep)}
+    # Renewed first, outside the transaction (on S3 a renewal copies the object): garbage
+    # collection leaves each blob for its grace period from here (a backup's dump taken just
+    # before still finds it). The set cannot grow meanwhile: those rounds are closed.
+    for sha in shas:
+        rt.blobs.renew(sha)
+    with rt.transaction() as tx:
+        released = releasable_uploads(tx.session, run_id, newest, keep)
+        now = utcnow()
+        for u in released:
+            u.blob_released_at = now
+        return len(released)
 
 
 def precheck(rt: Runtime, client_id: int, number: int, base_round: int, sha256: str) -> Precheck:
