@@ -397,6 +397,32 @@ def test_uploads_are_released_after_their_round(
         check_consistent(db_url, api.settings.data_dir, run_id)
 
 
+def test_uploads_of_a_round_not_closed_are_never_released(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from api.services import updates as update_service
+
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with make_api(tmp_path / "data", url, model_cache) as api:
+        run_id = api.create_run(rounds=2)["id"]
+        agents = [FakeAgent(api.agent(run_id, api.enroll(run_id, f"s{i}")[1])) for i in range(3)]
+        api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+        for a in agents:
+            a.play_round()
+        for a in agents[:2]:
+            a.play_round()  # round 2 stays open, two of three in
+        # Even asked for round 2 (as a worker catching up would be), only closed rounds'
+        # uploads are released: round 2 may still be aggregated (or, failed, resumed).
+        assert update_service.release_uploads(api.rt, run_id, 2) == 0
+        assert [(n, gone) for n, _, gone in _upload_rows(api, run_id)] == [
+            (1, True),
+            (1, True),
+            (1, True),
+            (2, False),
+            (2, False),
+        ]
+
+
 def test_an_identical_retry_of_a_released_upload_gets_the_same_answer(
     tmp_path: Path, model_cache: Path
 ) -> None:

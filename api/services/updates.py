@@ -104,8 +104,9 @@ def _check(
 
 
 def releasable_uploads(s: Session, run_id: int, newest: int, keep: int) -> list[Update]:
-    """The updates whose blobs closing round ``newest`` releases: those of the run's rounds
-    before the newest ``keep`` (-1: none; 0: ``newest``'s own too) that are still kept."""
+    """The updates whose blobs closing round ``newest`` releases: those of the run's closed
+    rounds before the newest ``keep`` (-1: none; 0: ``newest``'s own too) that are still
+    kept. Never an open, aggregating or failed round's: a resumed run aggregates it again."""
     if keep < 0:
         return []
     return list(
@@ -114,6 +115,7 @@ def releasable_uploads(s: Session, run_id: int, newest: int, keep: int) -> list[
             .join(Round, Update.round_id == Round.id)
             .where(
                 Round.run_id == run_id,
+                Round.status == "closed",
                 Round.number <= newest - keep,
                 Update.blob_released_at.is_(None),
             )
