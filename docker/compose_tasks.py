@@ -1,6 +1,6 @@
 """One-shot jobs of the compose stack (``docker-compose.yml``), run inside the CPU image.
 
-    python docker/compose_tasks.py ensure-bucket          # profile minio: make the bucket
+    python docker/compose_tasks.py ensure-bucket          # profile minio: a versioned bucket
     python docker/compose_tasks.py demo-setup /demo       # profile demo: run + enrolment
     python docker/compose_tasks.py demo-agent /demo       # profile demo: one agent replica
 
@@ -43,7 +43,9 @@ def _env(name: str, default: str | None = None) -> str:
 
 
 def ensure_bucket() -> int:
-    """Create the bucket of ``FEDSRD_BLOB_URL`` (s3://bucket/...) if it does not exist."""
+    """Create the bucket of ``FEDSRD_BLOB_URL`` (s3://bucket/...) if it does not exist, with
+    versioning on (blob garbage collection needs it) and noncurrent versions expiring after a
+    day. An existing bucket is left as it is."""
     import boto3
     from botocore.exceptions import ClientError, EndpointConnectionError
 
@@ -71,7 +73,23 @@ def ensure_bucket() -> int:
             if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
                 raise
             s3.create_bucket(Bucket=bucket)
-            print(f"compose_tasks: bucket {bucket} created")
+            # Garbage collection needs versioning (a writer's renewal is a newer version the
+            # collector never deletes); renewals leave noncurrent versions, expired here.
+            s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+            s3.put_bucket_lifecycle_configuration(
+                Bucket=bucket,
+                LifecycleConfiguration={
+                    "Rules": [
+                        {
+                            "ID": "fedsrd-noncurrent-versions",
+                            "Status": "Enabled",
+                            "Filter": {"Prefix": ""},
+                            "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
+                        }
+                    ]
+                },
+            )
+            print(f"compose_tasks: bucket {bucket} created, versioned")
             return 0
 
 

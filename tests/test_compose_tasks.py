@@ -67,6 +67,10 @@ def test_ensure_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert tasks.ensure_bucket() == 0  # exists: nothing to do
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     s3.head_bucket(Bucket=bucket)
+    # Made collectable: versioned, with the versions renewals leave expiring.
+    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    (rule,) = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert rule["NoncurrentVersionExpiration"]["NoncurrentDays"] == 1
     s3.delete_bucket(Bucket=bucket)
     monkeypatch.setenv("FEDSRD_BLOB_URL", "file:///blobs")
     assert tasks.ensure_bucket() == 0
