@@ -74,11 +74,11 @@ __all__ = ["MIN_PART_SIZE", "S3BlobStore", "S3BlobWriter"]
 MIN_PART_SIZE = 5 << 20
 #: The largest object one CopyObject copies.
 MAX_COPY_SIZE = 5 << 30
-log = logging.getLogger(__name__)
 #: 16 MiB parts: a 300 MiB upload is 19 requests; S3 allows 10,000 parts (160 GB here).
 DEFAULT_PART_SIZE = 16 << 20
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+log = logging.getLogger(__name__)
 
 
 _SESSION_LOCK = threading.Lock()

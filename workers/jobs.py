@@ -62,22 +62,27 @@ def aggregate_round(rt: Runtime, round_id: int) -> None:
     if not round_service.start_aggregation(rt, round_id):
         return
     try:
-        _aggregate(rt, round_id)
+        run_id, number = _aggregate(rt, round_id)
     except Exception as e:
         log.exception("aggregation of round %d failed", round_id)
         round_service.fail_aggregation(rt, round_id, f"{type(e).__name__}: {e}")
         return
+    # After the round's commit (the next round is already open), the storage steps; a
+    # failure in either is caught up on after the next round. First the uploads no longer
+    # needed (this round's and older ones past FEDSRD_KEEP_UPLOADS), then the collection.
+    try:
+        update_service.release_uploads(rt, run_id, number)
+    except Exception:
+        log.exception("releasing the uploads of round %d failed", round_id)
     if rt.settings.gc_after_round:
-        # After the round's commit (the next round is already open): the snapshots it
-        # pruned, once past the grace period, and any other garbage. A failure here only
-        # postpones the collection to the next round.
         try:
             storage_service.collect_garbage(rt)
         except Exception:
             log.exception("blob garbage collection after round %d failed", round_id)
 
 
-def _aggregate(rt: Runtime, round_id: int) -> None:
+def _aggregate(rt: Runtime, round_id: int) -> tuple[int, int]:
+    """The aggregation itself; returns the round's (run id, number)."""
     if rt.settings.fault_aggregate_delay_s:
         time.sleep(rt.settings.fault_aggregate_delay_s)
     t0 = time.perf_counter()
@@ -140,12 +145,7 @@ def _aggregate(rt: Runtime, round_id: int) -> None:
         digest=digest,
         metrics=metrics,
     )
-    # The round is closed: its uploads (and those of older rounds past FEDSRD_KEEP_UPLOADS)
-    # are no longer needed; a failure here is caught up on after the next round.
-    try:
-        update_service.release_uploads(rt, run_id, number)
-    except Exception:
-        log.exception("releasing the uploads of round %d failed", round_id)
+    return run_id, number
 
 
 # -- models and data of simulated runs -------------------------------------------------------
