@@ -2,13 +2,17 @@
 
 A browser signs in once with the admin token and then carries a cookie instead of the
 token. The cookie is ``v1.<issued>.<nonce>.<mac>``: when it was issued (Unix seconds), 128
-random bits, and an HMAC-SHA256 over both under a key derived from the admin token. Nothing
-is stored server-side, so:
+random bits, and an HMAC-SHA256 over both under a key derived from the admin token. A cookie
+is a session only while all of these hold:
 
-* a session expires ``session_ttl_s`` after sign-in (the issue time is signed);
-* changing the admin token changes the key and signs every browser out;
-* logging out deletes the cookie; a copy taken before then stays valid until it expires
-  (the price of keeping no session table; keep the lifetime short where that matters).
+* its MAC verifies: changing the admin token changes the key and signs every browser out;
+* it is younger than ``session_ttl_s`` (the issue time is signed);
+* the server still has its row (:mod:`api.services.sessions`, keyed by the nonce's
+  SHA-256): signing out deletes the row, so a copy of the cookie taken earlier stops working
+  at once, on every API process; "sign out everywhere" deletes them all.
+
+This module is the stateless half (format, MAC, expiry, CSRF); the row is checked by the
+caller (:func:`api.deps.admin_session`).
 
 Requests authenticated by the cookie that change state must also carry the session's CSRF
 token (a form field or the ``X-CSRF-Token`` header): a MAC of the session's nonce, which
@@ -47,13 +51,27 @@ class Session:
     def csrf_token(self, admin_token: str) -> str:
         return _mac(_key(admin_token, "csrf"), self.nonce)
 
+    def cookie(self, admin_token: str) -> str:
+        """The cookie value that names this session."""
+        body = f"{_VERSION}.{self.issued}.{self.nonce}"
+        return f"{body}.{_mac(_key(admin_token, 'session'), body)}"
+
+    @property
+    def key(self) -> str:
+        """What the server stores for this session: the nonce's SHA-256 (hex), so that the
+        table alone, read from a backup, names no usable cookie."""
+        return hashlib.sha256(self.nonce.encode()).hexdigest()
+
+
+def new_session(now: float | None = None) -> Session:
+    """A fresh session: the issue time and 128 random bits."""
+    return Session(issued=int(time.time() if now is None else now), nonce=secrets.token_urlsafe(16))
+
 
 def issue(admin_token: str, now: float | None = None) -> str:
-    """A new session cookie value."""
-    issued = int(time.time() if now is None else now)
-    nonce = secrets.token_urlsafe(16)
-    body = f"{_VERSION}.{issued}.{nonce}"
-    return f"{body}.{_mac(_key(admin_token, 'session'), body)}"
+    """A new session's cookie value (without its server-side row: see
+    :func:`api.services.sessions.sign_in`)."""
+    return new_session(now).cookie(admin_token)
 
 
 def verify(value: str | None, admin_token: str, ttl_s: int, now: float | None = None) -> Session:

@@ -11,6 +11,7 @@ from api import auth
 from api.errors import Forbidden, Unauthorized
 from api.runtime import Runtime
 from api.schemas import MAX_INT
+from api.services import sessions
 from api.services.agent import AgentIdentity, authenticate
 
 
@@ -34,15 +35,17 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def admin_session(request: Request, rt: Runtime) -> auth.Session | None:
-    """The dashboard session of the request's cookie, or None (absent, expired, forged)."""
+    """The dashboard session of the request's cookie, or None (absent, expired, forged,
+    signed out). Reads the database when the cookie verifies: call it off the event loop."""
     try:
-        return auth.verify(
+        session = auth.verify(
             request.cookies.get(auth.COOKIE),
             rt.settings.resolved_admin_token,
             rt.settings.session_ttl_s,
         )
     except ValueError:
         return None
+    return session if sessions.is_open(rt, session) else None
 
 
 def require_admin(request: Request, rt: RuntimeDep) -> None:

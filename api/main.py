@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError
 from api.metrics import LATENCY, REQUESTS
-from api.routes import agent, health, runs
+from api.routes import agent, health, runs, sessions
 from api.runtime import Runtime, make_runtime
 from api.services import reconcile
 from api.services import rounds as round_service
@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         if pages.wants_html(request):
-            return pages.error_page(request, exc.status, str(exc.detail))
+            return await run_in_threadpool(pages.error_page, request, exc.status, str(exc.detail))
         return _error(exc.status, exc.code, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -159,14 +159,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         if pages.wants_html(request):
             # Pages only validate path and query parameters: a bad one names no page.
             fields = ", ".join(d["field"] for d in _validation_detail(exc))
-            return pages.error_page(request, 404, f"no such page (bad {fields})")
+            message = f"no such page (bad {fields})"
+            return await run_in_threadpool(pages.error_page, request, 404, message)
         return _error(422, "invalid", _validation_detail(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if pages.wants_html(request):
             message = "no such page" if exc.status_code == 404 else str(exc.detail)
-            return pages.error_page(request, exc.status_code, message)
+            return await run_in_threadpool(pages.error_page, request, exc.status_code, message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
 
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     app.include_router(health.router)
     app.include_router(runs.router)
+    app.include_router(sessions.router)
     app.include_router(agent.me_router)
     app.include_router(agent.router)
     pages.install(app)

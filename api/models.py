@@ -7,7 +7,7 @@ and a row naming a blob commits only after the blob is completely written.
 
 Each table has one write path: ``runs`` and ``rounds`` in :mod:`api.services.rounds` /
 :mod:`api.services.runs`, ``clients`` in :mod:`api.services.clients`, ``updates`` in
-:mod:`api.services.updates`.
+:mod:`api.services.updates`, ``admin_sessions`` in :mod:`api.services.sessions`.
 """
 
 from __future__ import annotations
@@ -198,3 +198,17 @@ class Update(Base):
     blob_released_at: Mapped[dt.datetime | None]
 
     round: Mapped[Round] = relationship(back_populates="updates")
+
+
+class AdminSession(Base):
+    """A signed-in dashboard browser: its cookie is a session only while this row exists
+    (signing out deletes it; see :mod:`api.auth`)."""
+
+    __tablename__ = "admin_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: SHA-256 (hex) of the cookie's nonce, never the nonce itself.
+    key: Mapped[str] = mapped_column(String(SHA_LEN), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: When the cookie expires (sign-in time + ``session_ttl_s``): rows past it are pruned.
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)

@@ -244,6 +244,10 @@ class RoundsPublic(BaseModel):
     count: int
 
 
+class SessionsSignedOut(BaseModel):
+    signed_out: int = Field(description="unexpired dashboard sessions that were ended")
+
+
 class BlobPublic(BaseModel):
     round: int
     sha256: str

@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
 from starlette.datastructures import FormData
 
 from api import auth
+from api.models import AdminSession, utcnow
 from api.schemas import RoundPublic, RunCreate, SimulationSettings
+from api.services import sessions
 from tests.api_support import ADMIN, ADMIN_H, Api, FakeAgent, make_api, small_run
 from web import charts, views
 from web.pages import _safe_next, form_to_document
@@ -74,6 +78,100 @@ def test_session_cookie_round_trip_and_every_way_it_fails():
     with pytest.raises(ValueError, match="invalid session"):
         auth.verify(value, ADMIN + "-rotated", ttl_s=3600, now=now + 10)
     assert session.csrf_token(ADMIN) != session.csrf_token(ADMIN + "-rotated")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_api(request: pytest.FixtureRequest, tmp_path: Path, model_cache: Path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'api.db'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+    with make_api(tmp_path / "data", url, model_cache) as a:
+        yield a
+
+
+def _signed_in(client: Any) -> bool:
+    """Whether ``client``'s cookie is a session, asked of a page and of the JSON API."""
+    page = client.get("/runs", headers=HTML, follow_redirects=False).status_code
+    api_status = client.get("/api/v1/runs").status_code
+    assert (page, api_status) in ((200, 200), (303, 401)), (page, api_status)
+    return page == 200
+
+
+def test_signing_out_ends_every_copy_of_the_cookie(any_db_api: Api):
+    api = any_db_api
+    csrf = sign_in(api)
+    copy = api.client.cookies[auth.COOKIE]  # what a stolen or backed-up cookie would be
+    assert _signed_in(api.client)
+    r = api.client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and auth.COOKIE not in api.client.cookies
+    api.client.cookies.set(auth.COOKIE, copy)
+    assert not _signed_in(api.client)
+    r = api.client.post("/api/v1/runs", json=small_run(), headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 401 and run_count(api) == 0
+    # Signing in again gives a new session; the old cookie stays dead.
+    api.client.cookies.clear()
+    sign_in(api)
+    assert _signed_in(api.client)
+    with TestClient(api.client.app) as other:
+        other.cookies.set(auth.COOKIE, copy)
+        assert not _signed_in(other)
+
+
+def test_a_correctly_signed_cookie_without_its_session_is_refused(api: Api):
+    # What a cookie issued before sessions were stored, or minted by anyone who knows the
+    # admin token without signing in, looks like: the MAC verifies, no row names it.
+    api.client.cookies.set(auth.COOKIE, auth.issue(ADMIN))
+    assert not _signed_in(api.client)
+
+
+def test_sign_out_everywhere_from_a_page_and_from_the_api(any_db_api: Api):
+    api = any_db_api
+    with TestClient(api.client.app) as laptop, TestClient(api.client.app) as desktop:
+        for browser in (laptop, desktop):
+            r = browser.post("/login", data={"token": ADMIN}, follow_redirects=False)
+            assert r.status_code == 303
+        csrf = csrf_of(desktop.get("/runs", headers=HTML).text)
+        assert _signed_in(laptop) and _signed_in(desktop)
+        r = desktop.post(
+            "/logout", data={"csrf_token": csrf, "everywhere": "1"}, follow_redirects=False
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        assert not _signed_in(laptop) and not _signed_in(desktop)
+
+        for browser in (laptop, desktop):
+            browser.cookies.clear()
+            browser.post("/login", data={"token": ADMIN}, follow_redirects=False)
+        # The JSON API: the admin token (or a session with its CSRF token) ends them all.
+        assert api.client.delete("/api/v1/sessions").status_code == 401
+        r = api.admin("DELETE", "/api/v1/sessions")
+        assert r.status_code == 200 and r.json() == {"signed_out": 2}
+        assert not _signed_in(laptop) and not _signed_in(desktop)
+        assert api.admin("GET", "/api/v1/runs").status_code == 200  # the token still works
+
+        laptop.cookies.clear()
+        laptop.post("/login", data={"token": ADMIN}, follow_redirects=False)
+        assert laptop.delete("/api/v1/sessions").status_code == 403  # no CSRF token
+        csrf = csrf_of(laptop.get("/runs", headers=HTML).text)
+        r = laptop.delete("/api/v1/sessions", headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 200 and r.json() == {"signed_out": 1}
+        assert not _signed_in(laptop)
+
+
+def test_sessions_expire_and_expired_rows_are_pruned_at_sign_in(api: Api):
+    ttl = api.settings.session_ttl_s
+    long_ago = utcnow() - dt.timedelta(seconds=ttl + 5)
+    stale = [sessions.sign_in(api.rt, now=long_ago) for _ in range(3)]
+    for value in stale:
+        # Its MAC is fine; both its signed age and its row say it is over.
+        session = auth.verify(value, ADMIN, ttl_s=10 * ttl)
+        assert not sessions.is_open(api.rt, session)
+    fresh = auth.verify(sessions.sign_in(api.rt), ADMIN, ttl_s=ttl)
+    assert sessions.is_open(api.rt, fresh)
+    with api.rt.sessions() as s:
+        keys = s.scalars(select(AdminSession.key)).all()
+    assert keys == [fresh.key]  # the three expired rows went with the sign-in
+    assert fresh.nonce not in keys[0]  # the table holds a hash, not the nonce
 
 
 def test_next_only_redirects_within_the_server():

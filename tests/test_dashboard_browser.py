@@ -145,10 +145,25 @@ def test_sign_in_empty_state_error_pages_and_sign_out(
         assert "run 4242 not found" in t.page.locator("main").inner_text()
         t.shots("not-found")
 
-        t.page.click("header .logout button")
+        other = Tab(browser, s.url)  # a second browser, signed in too
+        other.sign_in()
+        t.page.click("header #sign-out")
         t.page.wait_for_url(re.compile(r".*/login$"))
         t.goto("/runs")
         assert urlsplit(t.page.url).path == "/login"
+        # A copy of the cookie taken before signing out is no session any more.
+        t.context.add_cookies([cookie])
+        t.goto("/runs")
+        assert urlsplit(t.page.url).path == "/login"
+        # Signing out one browser left the other signed in; "everywhere" ends it too.
+        other.goto("/runs")
+        assert urlsplit(other.page.url).path == "/runs"
+        t.sign_in()
+        t.page.click("header #sign-out-everywhere")
+        t.page.wait_for_url(re.compile(r".*/login$"))
+        other.goto("/runs")
+        assert urlsplit(other.page.url).path == "/login"
+        other.close()
         t.close()
 
 

@@ -20,12 +20,13 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from api import auth
 from api.deps import RuntimeDep, admin_session
-from api.errors import ApiError, Forbidden, InvalidInput
+from api.errors import Forbidden, InvalidInput
 from api.models import utcnow
 from api.routes import runs as runs_api
 from api.runtime import Runtime
@@ -38,6 +39,7 @@ from api.schemas import (
     SimulationSettings,
     TrainSettings,
 )
+from api.services import sessions
 from fedsrd_core.data import DOMAINS, OOD_DOMAINS
 from fedsrd_core.strategies import available_strategies
 from web import STATIC_DIR, TEMPLATES_DIR, views
@@ -125,7 +127,10 @@ def wants_html(request: Request) -> bool:
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     rt: Runtime = request.app.state.runtime
-    session = admin_session(request, rt)
+    try:
+        session = admin_session(request, rt)
+    except SQLAlchemyError:  # the page reports the error it was made for, not this one
+        session = None
     titles = {401: "Sign-in needed", 403: "Not allowed", 404: "Not found", 409: "Conflict"}
     title = titles.get(status, "Something went wrong" if status >= 500 else "Bad request")
     return render(
@@ -188,7 +193,7 @@ async def login(request: Request, rt: RuntimeDep) -> Response:
     response = _redirect(next_url)
     response.set_cookie(
         auth.COOKIE,
-        auth.issue(admin),
+        await _call(sessions.sign_in, rt),
         max_age=rt.settings.session_ttl_s,
         httponly=True,
         samesite="lax",
@@ -200,7 +205,13 @@ async def login(request: Request, rt: RuntimeDep) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request, rt: RuntimeDep, session: SessionDep) -> Response:
-    _check_csrf(rt, session, await request.form())
+    """Sign this browser out; with ``everywhere=1`` in the form, every signed-in browser."""
+    form = await request.form()
+    _check_csrf(rt, session, form)
+    if form.get("everywhere") == "1":
+        await _call(sessions.sign_out_everywhere, rt)
+    else:
+        await _call(sessions.sign_out, rt, session)
     response = _redirect("/login")
     response.delete_cookie(auth.COOKIE, path="/")
     return response
@@ -498,8 +509,4 @@ def install(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def api_error_page(request: Request, exc: ApiError) -> HTMLResponse:
-    return error_page(request, exc.status, str(exc.detail))
-
-
-__all__ = ["api_error_page", "error_page", "install", "wants_html"]
+__all__ = ["error_page", "install", "wants_html"]
