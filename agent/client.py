@@ -2,7 +2,10 @@
 
 Network errors, timeouts and 5xx answers are retried with jittered exponential backoff
 (a restarting server is waited for); 4xx answers raise :class:`ServerError` at once with the
-server's message, because repeating a refused request cannot succeed.
+server's message, because repeating a refused request cannot succeed. A blob download cut
+off midway resumes where it stopped (``Range`` from the bytes already received, ``If-Range``
+on the blob's ETag) instead of starting over: a snapshot is hundreds of MiB, and a site's
+network may drop a connection more often than it can carry one that long.
 """
 
 from __future__ import annotations
@@ -28,6 +31,32 @@ class ServerError(Exception):
 
 class RetryBudgetExceededError(Exception):
     """Transient failures lasted longer than the client's ``retry_for`` seconds."""
+
+
+class _RetryableAnswerError(Exception):
+    """An answer to a download that carries none of the blob: a 5xx, or an answer to a
+    request for a range that does not continue the transfer."""
+
+
+def _raise_refusal(r: httpx.Response) -> None:
+    """Raise the server's refusal (a 4xx answer, already read) as :class:`ServerError`."""
+    if not 400 <= r.status_code < 500:
+        return
+    try:
+        body = r.json()
+    except ValueError:
+        raise ServerError(r.status_code, "http_error", r.text[:500]) from None
+    raise ServerError(r.status_code, body.get("error", ""), body.get("detail"))
+
+
+def _resumes_at(r: httpx.Response, offset: int) -> bool:
+    """Whether answer ``r`` carries the blob from byte ``offset`` on: a 206 whose
+    ``Content-Range`` starts there (anything else is the whole blob, or unusable)."""
+    if offset == 0 or r.status_code != 206:
+        return False
+    unit, _, spec = r.headers.get("content-range", "").partition(" ")
+    first = spec.partition("-")[0]
+    return unit == "bytes" and first.isdigit() and int(first) == offset
 
 
 class AgentClient:
@@ -71,33 +100,33 @@ class AgentClient:
         self.run_id = int(result["run_id"])
         return result
 
+    def _url(self, path: str) -> str:
+        return path if path.startswith("/api/") else self.prefix + path
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {**self.headers, **kwargs.pop("headers", {})}
         start = time.monotonic()
         attempt = 0
         while True:
             try:
-                url = path if path.startswith("/api/") else self.prefix + path
-                r = self.http.request(method, url, headers=headers, **kwargs)
+                r = self.http.request(method, self._url(path), headers=headers, **kwargs)
             except httpx.TransportError as e:
                 failure: str = f"{type(e).__name__}: {e}"
             else:
                 if r.status_code < 400:
                     return r
-                if r.status_code < 500:
-                    try:
-                        body = r.json()
-                        raise ServerError(r.status_code, body.get("error", ""), body.get("detail"))
-                    except ValueError:
-                        raise ServerError(r.status_code, "http_error", r.text[:500]) from None
+                _raise_refusal(r)
                 failure = f"HTTP {r.status_code}"
-            elapsed = time.monotonic() - start
-            if self.retry_for is not None and elapsed >= self.retry_for:
-                raise RetryBudgetExceededError(f"{method} {path}: still failing ({failure})")
-            # Full jitter: agents that lost the server together do not return together.
-            cap = min(self.max_delay, self.base_delay * 2**attempt)
-            self._sleep(self._rng.uniform(cap / 2, cap))
+            self._back_off(start, attempt, f"{method} {path}", failure)
             attempt += 1
+
+    def _back_off(self, start: float, attempt: int, what: str, failure: str) -> None:
+        """Sleep before retry ``attempt + 1``, or give up once ``retry_for`` has passed."""
+        if self.retry_for is not None and time.monotonic() - start >= self.retry_for:
+            raise RetryBudgetExceededError(f"{what}: still failing ({failure})")
+        # Full jitter: agents that lost the server together do not return together.
+        cap = min(self.max_delay, self.base_delay * 2**attempt)
+        self._sleep(self._rng.uniform(cap / 2, cap))
 
     def run_info(self) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", "").json()
@@ -119,11 +148,62 @@ class AgentClient:
         return result
 
     def download(self, sha256: str) -> bytes:
-        data = self._request("GET", f"/blobs/{sha256}").content
-        got = hashlib.sha256(data).hexdigest()
-        if got != sha256:
-            raise ServerError(0, "corrupt_download", f"blob {sha256} arrived as {got}")
-        return data
+        """The blob ``sha256``, checked against its name.
+
+        A transfer that fails midway (a dropped connection, a timeout, a 5xx) is retried
+        like any request, but asks only for the rest: ``Range: bytes=<received>-`` with
+        ``If-Range`` set to the ETag of the first answer, so a server that no longer has
+        those bytes as they were (or ignores ranges) sends the whole blob again, and that
+        is what is kept. A blob that arrives whole but does not hash to its name is fetched
+        once more from the start before :class:`ServerError` (``corrupt_download``) is
+        raised.
+        """
+        path = f"/blobs/{sha256}"
+        received = bytearray()
+        etag: str | None = None
+        whole_answers = 0
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            headers = dict(self.headers)
+            if received and etag is not None:
+                headers["Range"] = f"bytes={len(received)}-"
+                headers["If-Range"] = etag
+            try:
+                with self.http.stream("GET", self._url(path), headers=headers) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        _raise_refusal(r)
+                        raise _RetryableAnswerError(f"HTTP {r.status_code}")
+                    if r.status_code not in (200, 206):  # say, a redirect: not followed
+                        raise ServerError(r.status_code, "http_error", "not a blob download")
+                    if r.status_code == 200:
+                        received.clear()  # the whole blob, from the start
+                        whole_answers += 1
+                    elif not _resumes_at(r, len(received)):
+                        # A range that is not the one asked for: start over.
+                        received.clear()
+                        etag = None
+                        raise _RetryableAnswerError(f"HTTP {r.status_code} to a range request")
+                    etag = r.headers.get("etag") or etag
+                    for chunk in r.iter_bytes():
+                        received += chunk
+            except (httpx.TransportError, _RetryableAnswerError) as e:
+                failure = f"{type(e).__name__}: {e} after {len(received)} bytes"
+                # Cut off just as it ended: nothing is missing.
+                if received and hashlib.sha256(received).hexdigest() == sha256:
+                    return bytes(received)
+            else:
+                got = hashlib.sha256(received).hexdigest()
+                if got == sha256:
+                    return bytes(received)
+                if whole_answers >= 2:
+                    raise ServerError(0, "corrupt_download", f"blob {sha256} arrived as {got}")
+                failure = f"blob arrived as {got}"
+                received.clear()
+                etag = None
+            self._back_off(start, attempt, f"GET {path}", failure)
+            attempt += 1
 
     def upload(
         self,
