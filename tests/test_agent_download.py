@@ -20,6 +20,8 @@ import pytest
 from agent.client import AgentClient, ServerError
 from tests.e2e_support import System, system
 
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Fault:
