@@ -304,6 +304,43 @@ def test_revoked_token_stops_at_once_and_round_stops_waiting(api: Api):
     assert api.run(run_id)["status"] == "completed"  # closed without the revoked client
 
 
+def test_a_new_token_replaces_the_old_one_at_once(api: Api):
+    created, agents = _three_clients(api, rounds=2)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    for a in agents:
+        a.play_round()
+    leaked = agents[0].agent
+    cid = agents[0].info["client_id"]
+    before = {c["id"]: c for c in api.admin("GET", f"/api/v1/runs/{run_id}/clients").json()["data"]}
+
+    r = api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/token")
+    assert r.status_code == 200, r.text
+    new_token = r.json()["token"]
+    assert r.json()["id"] == cid and r.json()["status"] == "active"
+    with pytest.raises(ServerError) as e:
+        leaked.poll(1)
+    assert e.value.status == 401
+    # The same client, counters and all: it plays round 2 with the new token.
+    agents[0].agent = api.agent(run_id, new_token)
+    assert agents[0].agent.whoami()["client_id"] == cid
+    after = api.admin("GET", f"/api/v1/runs/{run_id}/clients").json()["data"]
+    for key in ("rounds_done", "bytes_up", "bytes_down", "name", "created_at"):
+        assert next(c for c in after if c["id"] == cid)[key] == before[cid][key]
+    for a in agents:
+        assert a.play_round() is not None
+    assert api.run(run_id)["status"] == "completed"
+    assert [len(r["metrics"]["participants"]) for r in api.rounds(run_id)] == [3, 3]
+
+    # A revoked client stays revoked: a new token is refused, not a way back in.
+    api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/revoke")
+    r = api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/token")
+    assert r.status_code == 409 and "revoked" in r.json()["detail"]
+    with pytest.raises(ServerError) as e:
+        api.agent(run_id, new_token).poll(2)
+    assert e.value.status == 410
+
+
 def test_heartbeat_marks_training(api: Api):
     created, agents = _three_clients(api, rounds=1)
     run_id = created["id"]

@@ -44,6 +44,7 @@ ADMIN_ROUTES = [
     ("POST", "/api/v1/runs/{run}/clients"),
     ("GET", "/api/v1/runs/{run}/clients"),
     ("POST", "/api/v1/runs/{run}/clients/1/revoke"),
+    ("POST", "/api/v1/runs/{run}/clients/1/token"),
     ("GET", "/api/v1/runs/{run}/rounds"),
     ("GET", "/api/v1/runs/{run}/adapter"),
 ]
@@ -157,6 +158,12 @@ def test_admin_lookups(api: Api):
     other = api.create_run(name="other")
     cid, _ = api.enroll(other["id"], "theirs")
     _err(api.admin("POST", f"/api/v1/runs/{rid}/clients/{cid}/revoke"), 404)
+    _err(api.admin("POST", f"/api/v1/runs/{rid}/clients/{cid}/token"), 404)  # another run's
+    _err(api.admin("POST", f"/api/v1/runs/{rid}/clients/999/token"), 404)
+    sim = api.create_run(name="sim", simulation={"clients": 2, "domains": ["arithmetic", "code"]})
+    sim_client = api.admin("GET", f"/api/v1/runs/{sim['id']}/clients").json()["data"][0]
+    path = f"/api/v1/runs/{sim['id']}/clients/{sim_client['id']}/token"
+    _err(api.admin("POST", path), 409, "simulated")
     assert api.admin("POST", f"/api/v1/runs/{rid}/launch").status_code == 200
     _err(api.admin("POST", f"/api/v1/runs/{rid}/launch"), 409, "only a created run")
     _err(api.admin("GET", f"/api/v1/runs/{rid}/adapter?round=7"), 404, "round 7")

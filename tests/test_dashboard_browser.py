@@ -268,7 +268,7 @@ def test_launch_watch_to_completion_and_download_adapter(tab: Tab, stack: System
     tab.shots("runs")
 
 
-def test_enroll_a_client_then_revoke_it(tab: Tab, stack: System) -> None:
+def test_enroll_a_client_give_it_a_new_token_then_revoke_it(tab: Tab, stack: System) -> None:
     page = tab.page
     run = stack.create_run(name="sites")
     tab.sign_in()
@@ -294,11 +294,27 @@ def test_enroll_a_client_then_revoke_it(tab: Tab, stack: System) -> None:
     tab.goto(f"/runs/{run['id']}")
     assert token not in page.content()
 
+    # A new token (say, the first leaked): shown once, the old one stops working at once.
+    row = page.locator("#clients tbody tr", has_text="hospital-a")
+    row.locator("button", has_text="New token").click()
+    page.wait_for_selector("#enrolled-token")
+    assert "New token for client" in page.locator("#enrolled h2").inner_text()
+    new_token = page.locator("#enrolled-token").inner_text().strip()
+    assert new_token != token and new_token in page.locator("#enrolled-command").inner_text()
+    me = stack.http().get("/api/v1/agent/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 401
+    me = stack.http().get("/api/v1/agent/me", headers={"Authorization": f"Bearer {new_token}"})
+    assert me.status_code == 200 and me.json()["name"] == "hospital-a"
+    tab.shots("client-new-token")
+    tab.goto(f"/runs/{run['id']}")
+
     row = page.locator("#clients tbody tr", has_text="hospital-a")
     row.locator("button", has_text="Revoke").click()
     page.wait_for_selector("#clients tbody tr .badge.revoked")
-    me = stack.http().get("/api/v1/agent/me", headers={"Authorization": f"Bearer {token}"})
+    me = stack.http().get("/api/v1/agent/me", headers={"Authorization": f"Bearer {new_token}"})
     assert me.status_code in (401, 410)
+    row = page.locator("#clients tbody tr", has_text="hospital-a")
+    assert row.locator("button").count() == 0  # nothing left to do for a revoked client
 
 
 def test_cancel_a_run(tab: Tab, stack: System) -> None:

@@ -33,6 +33,7 @@ from api.runtime import Runtime
 from api.schemas import (
     MAX_INT,
     ClientCreate,
+    ClientEnrolled,
     EvaluationSettings,
     LoraSettings,
     RunCreate,
@@ -473,15 +474,36 @@ async def enroll(request: Request, run_id: RunId, rt: RuntimeDep, session: Sessi
         return render(request, "run.html", context, status=422, session=session)
     enrolled = await _call(runs_api.enroll_client, run_id, body, rt)
     context = await _call(_run_context, rt, run_id)
+    context["enrolled"] = _token_card(request, enrolled, f"Client “{enrolled.name}” enrolled")
+    return render(request, "run.html", context, status=201, session=session)
+
+
+def _token_card(request: Request, client: ClientEnrolled, heading: str) -> dict[str, Any]:
+    """The card that shows a client's token this once, with the agent command to paste."""
     server = str(request.base_url).rstrip("/")
-    context["enrolled"] = {
-        "client": enrolled,
+    return {
+        "heading": heading,
+        "client": client,
         "command": (
-            f"FEDSRD_AGENT_TOKEN='{enrolled.token}' fedsrd-agent --server {server} "
-            f"--data PATH/TO/train.jsonl --state-dir fedsrd-agent-{enrolled.name}"
+            f"FEDSRD_AGENT_TOKEN='{client.token}' fedsrd-agent --server {server} "
+            f"--data PATH/TO/train.jsonl --state-dir fedsrd-agent-{client.name}"
         ),
     }
-    return render(request, "run.html", context, status=201, session=session)
+
+
+@router.post("/runs/{run_id}/clients/{client_id}/token")
+async def rotate_token(
+    request: Request,
+    run_id: RunId,
+    client_id: Annotated[int, Path(ge=1, le=MAX_INT)],
+    rt: RuntimeDep,
+    session: SessionDep,
+) -> Response:
+    _check_csrf(rt, session, await request.form())
+    client = await _call(runs_api.rotate_client_token, run_id, client_id, rt)
+    context = await _call(_run_context, rt, run_id)
+    context["enrolled"] = _token_card(request, client, f"New token for client “{client.name}”")
+    return render(request, "run.html", context, session=session)
 
 
 @router.post("/runs/{run_id}/clients/{client_id}/revoke")

@@ -145,6 +145,17 @@ def revoke_client(
     return client_public(client, run, current, utcnow())
 
 
+@router.post("/{run_id}/clients/{client_id}/token")
+def rotate_client_token(
+    run_id: RunId, client_id: Annotated[int, Path(ge=1, le=MAX_INT)], rt: RuntimeDep
+) -> ClientEnrolled:
+    """Replace a client's token; the response holds the new one, shown this once."""
+    client, token = run_service.rotate_client_token(rt, run_id, client_id)
+    run, current, _ = run_service.list_clients(rt, run_id)
+    pub = client_public(client, run, current, utcnow())
+    return ClientEnrolled(**pub.model_dump(), token=token)
+
+
 @router.get("/{run_id}/rounds")
 def list_rounds(run_id: RunId, rt: RuntimeDep) -> RoundsPublic:
     """Per-round metrics: participants, bytes up/down, losses, durations, state digest."""

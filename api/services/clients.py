@@ -113,6 +113,19 @@ def revoke(s: Session, client: Client) -> None:
     s.flush()
 
 
+def rotate_token(s: Session, client: Client) -> str:
+    """Give ``client`` a new token (returned, shown once) in place of its current one, which
+    stops working at once; the client keeps its identity, counters and place in the run."""
+    if client.status == "revoked":
+        raise Conflict(f"client {client.name!r} is revoked; enroll a new client instead")
+    if client.simulated:
+        raise Conflict(f"client {client.name!r} is simulated: the workers play it, no agent")
+    token = new_token()
+    client.token_hash = hash_token(token)
+    s.flush()
+    return token
+
+
 def record_progress(s: Session, client: Client, progress: dict[str, Any]) -> None:
     now = utcnow()
     client.progress = {**progress, "at": now.isoformat()}

@@ -249,6 +249,14 @@ def revoke_client(rt: Runtime, run_id: int, client_id: int) -> Client:
         return client
 
 
+def rotate_client_token(rt: Runtime, run_id: int, client_id: int) -> tuple[Client, str]:
+    """A new token for a client (say, after the old one leaked); the old one stops working on
+    its next request. The agent keeps its state: it is the same client."""
+    with rt.transaction() as tx:
+        client = client_service.get(tx.session, run_id, client_id)
+        return client, client_service.rotate_token(tx.session, client)
+
+
 def list_clients(rt: Runtime, run_id: int) -> tuple[Run, Round | None, list[Client]]:
     with rt.sessions() as s:
         run = s.get(Run, run_id)
