@@ -147,8 +147,9 @@ class AgentClient:
         result: dict[str, Any] = self._request("GET", "/sync", params=params).json()
         return result
 
-    def download(self, sha256: str) -> bytes:
-        """The blob ``sha256``, checked against its name.
+    def download(self, sha256: str) -> bytearray:
+        """The blob ``sha256``, checked against its name (in the buffer it was received into:
+        a snapshot is hundreds of MiB, and a copy would double the peak).
 
         A transfer that fails midway (a dropped connection, a timeout, a 5xx) is retried
         like any request, but asks only for the rest: ``Range: bytes=<received>-`` with
@@ -192,11 +193,11 @@ class AgentClient:
                 failure = f"{type(e).__name__}: {e} after {len(received)} bytes"
                 # Cut off just as it ended: nothing is missing.
                 if received and hashlib.sha256(received).hexdigest() == sha256:
-                    return bytes(received)
+                    return received
             else:
                 got = hashlib.sha256(received).hexdigest()
                 if got == sha256:
-                    return bytes(received)
+                    return received
                 if whole_answers >= 2:
                     raise ServerError(0, "corrupt_download", f"blob {sha256} arrived as {got}")
                 failure = f"blob arrived as {got}"

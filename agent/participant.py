@@ -60,7 +60,7 @@ def apply_plan(
     lead to its digest or a delta does not follow the state; the state is then unusable.
     """
 
-    def download(sha256: str, what: str) -> bytes:
+    def download(sha256: str, what: str) -> bytearray:
         try:
             return client.download(sha256)
         except ServerError as e:

@@ -165,7 +165,9 @@ def _through_proxy(
         proxy.close()
 
 
-def _download(api: System, target: Target, faults: dict[int, Fault]) -> tuple[bytes, FaultyProxy]:
+def _download(
+    api: System, target: Target, faults: dict[int, Fault]
+) -> tuple[bytearray, FaultyProxy]:
     with _through_proxy(api, target, faults) as (client, proxy):
         return client.download(target.sha256), proxy
 
