@@ -284,8 +284,17 @@ def run_agent(args: argparse.Namespace) -> int:
             continue
         number, base = int(answer["round"]), int(answer["base_round"])
         if answer.get("sync"):
+            plan = answer["sync"]
+            # Said before it starts: a snapshot can take minutes on a slow link.
+            event(
+                "downloading",
+                to_round=plan["to_round"],
+                snapshot_round=plan["snapshot"]["round"] if plan["snapshot"] else None,
+                deltas=len(plan["deltas"]),
+                bytes=plan["bytes"],
+            )
             try:
-                part.sync(answer["sync"])
+                part.sync(plan)
             except DigestMismatchError as e:
                 event("state mismatch, reloading a snapshot", detail=str(e))
                 part.state, part.have_round = None, -1

@@ -109,9 +109,14 @@ def test_config_file_and_environment(embedded: System, tmp_path: Path):
         capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    events = [json.loads(ln)["event"] for ln in p.stderr.splitlines() if ln.startswith("{")]
+    docs = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith("{")]
+    events = [d["event"] for d in docs]
     assert events[0] == "connected" and events[-1] == "run completed"
     assert "step" in events and "uploaded" in events
+    # What it is about to download is said first: here, the initial snapshot.
+    sync = docs[events.index("downloading")]
+    assert sync["snapshot_round"] == 0 and sync["deltas"] == 0 and sync["bytes"] > 0, sync
+    assert events.index("downloading") < events.index("training")
 
 
 def _wait_for(log: Path, needle: str, timeout: float = 300) -> None:
