@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -68,6 +69,14 @@ class Api:
 
     def rounds(self, run_id: int) -> list[dict[str, Any]]:
         return list(self.admin("GET", f"/api/v1/runs/{run_id}/rounds").json()["data"])
+
+
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """For a fixture parametrised ``["sqlite", "postgresql"]``: an SQLite file in
+    ``tmp_path``, or a fresh database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'api.db'}"
+    return str(request.getfixturevalue("pg_database"))
 
 
 @contextmanager

@@ -16,16 +16,12 @@ from api.services import rounds as round_service
 from fedsrd_core.modeling import load_causal_lm
 from fedsrd_core.peft_lora import attach_lora, lora_config, state_to_peft
 from fedsrd_core.snapshot import decode_snapshot
-from tests.api_support import Api, FakeAgent, make_api
+from tests.api_support import Api, FakeAgent, database_url, make_api
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def api(request, tmp_path, model_cache):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'api.db'}"
-    else:
-        url = request.getfixturevalue("pg_database")
-    with make_api(tmp_path / "data", url, model_cache) as a:
+    with make_api(tmp_path / "data", database_url(request, tmp_path), model_cache) as a:
         yield a
 
 

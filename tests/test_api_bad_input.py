@@ -11,16 +11,12 @@ from sqlalchemy import func, select
 from api.models import Update
 from fedsrd_core.codec import encode, inspect
 from fedsrd_core.sparse import SparseTensor
-from tests.api_support import ADMIN_H, Api, FakeAgent, make_api, sha
+from tests.api_support import ADMIN_H, Api, FakeAgent, database_url, make_api, sha
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def api(request, tmp_path, model_cache):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'api.db'}"
-    else:
-        url = request.getfixturevalue("pg_database")
-    with make_api(tmp_path / "data", url, model_cache) as a:
+    with make_api(tmp_path / "data", database_url(request, tmp_path), model_cache) as a:
         yield a
 
 

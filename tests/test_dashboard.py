@@ -20,7 +20,7 @@ from api import auth
 from api.models import AdminSession, utcnow
 from api.schemas import RoundPublic, RunCreate, SimulationSettings
 from api.services import sessions
-from tests.api_support import ADMIN, ADMIN_H, Api, FakeAgent, make_api, small_run
+from tests.api_support import ADMIN, ADMIN_H, Api, FakeAgent, database_url, make_api, small_run
 from web import charts, views
 from web.pages import _safe_next, form_to_document
 
@@ -82,11 +82,7 @@ def test_session_cookie_round_trip_and_every_way_it_fails():
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_db_api(request: pytest.FixtureRequest, tmp_path: Path, model_cache: Path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'api.db'}"
-    else:
-        url = request.getfixturevalue("pg_database")
-    with make_api(tmp_path / "data", url, model_cache) as a:
+    with make_api(tmp_path / "data", database_url(request, tmp_path), model_cache) as a:
         yield a
 
 
