@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError
 from api.metrics import LATENCY, REQUESTS
+from api.migrate import check_schema
 from api.routes import agent, health, runs, sessions
 from api.runtime import Runtime, make_runtime
 from api.services import reconcile
@@ -115,6 +116,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Refuse to serve on a database an upgrade forgot to migrate (SchemaBehindError).
+        if await run_in_threadpool(check_schema, rt.engine) == "ahead":
+            log.warning("the database was migrated by a newer version of FedSRD than this one")
         # Reconcile first: a round a crashed worker left aggregating is re-sent.
         try:
             n = await run_in_threadpool(reconcile.reconcile, rt)

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
 from api.db import make_engine
-from api.migrate import alembic_config, upgrade
+from api.launcher import api_service, free_port, worker_service
+from api.main import create_app
+from api.migrate import (
+    SchemaBehindError,
+    alembic_config,
+    check_schema,
+    head_revision,
+    schema_state,
+    upgrade,
+)
 from api.models import Base
+from api.runtime import make_runtime
+from api.settings import Settings
+from tests.api_support import ADMIN
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -119,3 +134,73 @@ def test_0002_fills_in_the_traffic_of_existing_runs(empty_db: str):
         sum(t["fedavg"] for t in expected),
     )
     assert tuple(got) == (7500, 3 * 1000 + 2 * 700, 2 * 5 * params * 4)
+
+
+def _services_env(url: str, tmp_path: Path, model_cache: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FEDSRD_DATA_DIR": str(tmp_path / "data"),
+        "FEDSRD_DATABASE_URL": url,
+        "FEDSRD_BROKER_URL": "filesystem://",
+        "FEDSRD_TASK_MODE": "celery",
+        "FEDSRD_ADMIN_TOKEN": ADMIN,
+        "FEDSRD_MODEL_CACHE": str(model_cache),
+    }
+
+
+def test_processes_refuse_a_database_an_upgrade_forgot_to_migrate(
+    empty_db: str, tmp_path: Path, model_cache: Path
+):
+    engine = make_engine(empty_db)
+    try:
+        assert schema_state(engine) == ("behind", None)
+        with pytest.raises(SchemaBehindError, match="not migrated"):
+            check_schema(engine)
+        command.upgrade(alembic_config(empty_db), "0003")
+        assert schema_state(engine) == ("behind", "0003")
+        needs = f"at revision 0003; this version needs revision {head_revision()}"
+        with pytest.raises(SchemaBehindError, match=needs):
+            check_schema(engine)
+
+        # The API: /readyz says what to run, and the process does not start.
+        settings = Settings(
+            data_dir=tmp_path / "data", database_url=empty_db, task_mode="inline",
+            admin_token=ADMIN, model_cache=model_cache,
+        )  # fmt: skip
+        rt = make_runtime(settings)
+        app = create_app(settings, rt)
+        try:
+            r = TestClient(app).get("/readyz")  # no lifespan: the readiness check alone
+            assert r.status_code == 503 and "fedsrd migrate" in r.json()["checks"]["schema"]
+            with pytest.raises(SchemaBehindError, match=needs), TestClient(app):
+                pass
+        finally:
+            rt.close()
+        env = _services_env(empty_db, tmp_path, model_cache)
+        api = api_service(env, free_port(), tmp_path / "logs").start()
+        worker = worker_service(env, tmp_path / "logs").start()
+        try:
+            for service in (api, worker):
+                assert service.proc is not None
+                assert service.proc.wait(timeout=120) != 0, service.tail()
+                assert "this version needs revision" in service.tail(), service.tail()
+        finally:
+            api.stop()
+            worker.stop()
+
+        # Migrated: current. Migrated by a newer version (a rolling upgrade): still served.
+        upgrade(empty_db)
+        assert check_schema(engine) == "current"
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999_newer'"))
+        assert schema_state(engine) == ("ahead", "9999_newer")
+        assert check_schema(engine) == "ahead"
+        rt = make_runtime(settings)
+        try:
+            with TestClient(create_app(settings, rt)) as client:
+                r = client.get("/readyz")
+                assert r.status_code == 200 and r.json()["checks"]["schema"] == "ok"
+        finally:
+            rt.close()
+    finally:
+        engine.dispose()

@@ -10,10 +10,12 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 import workers.jobs as jobs
+from api.db import make_engine
 from api.dispatch import AGGREGATE, EVALUATE, TRAIN
+from api.migrate import SchemaBehindError, check_schema
 from api.runtime import Runtime, make_runtime
 from api.settings import Settings
 
@@ -34,6 +36,21 @@ def runtime() -> Runtime:
 def _fresh_runtime(**_: Any) -> None:
     global _runtime
     _runtime = None
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _check_schema(**_: Any) -> None:
+    """Refuse to start on a database an upgrade forgot to migrate (in the parent process,
+    before any fork: a throwaway engine, disposed)."""
+    engine = make_engine(Settings().resolved_database_url)
+    try:
+        check_schema(engine)
+    except SchemaBehindError as e:
+        log.error("%s", e)
+        # SystemExit, not an exception: Celery logs and ignores exceptions in receivers.
+        raise SystemExit(f"fedsrd worker: {e}") from None
+    finally:
+        engine.dispose()
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

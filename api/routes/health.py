@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.deps import RuntimeDep
+from api.migrate import SchemaBehindError, check_schema
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +21,8 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(rt: RuntimeDep) -> JSONResponse:
-    """Database and broker reachable (503 naming what is not)."""
+    """Database and broker reachable, and the database at this version's schema or newer
+    (503 naming what is not)."""
     checks: dict[str, str] = {}
     try:
         with rt.engine.connect() as conn:
@@ -28,6 +30,12 @@ def readyz(rt: RuntimeDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as e:
         checks["database"] = f"unreachable: {type(e).__name__}"
+    else:
+        try:
+            check_schema(rt.engine)
+            checks["schema"] = "ok"
+        except SchemaBehindError as e:
+            checks["schema"] = str(e)
     try:
         rt.dispatcher.ping()
         checks["broker"] = "ok"
