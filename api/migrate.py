@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Connection, Engine, make_url, text
 
 from api.db import make_engine
 
@@ -73,12 +73,14 @@ def head_revision() -> str:
     return head
 
 
-def schema_state(engine: Engine) -> tuple[str, str | None]:
+def schema_state(bind: Engine | Connection) -> tuple[str, str | None]:
     """``(state, revision)`` of the database: ``"current"`` (at this code's head),
     ``"behind"`` (an older revision, or none: never migrated) or ``"ahead"`` (a revision this
     code does not know: a newer version migrated it, as in a rolling upgrade)."""
-    with engine.connect() as conn:
-        revision = MigrationContext.configure(conn).get_current_revision()
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return schema_state(conn)
+    revision = MigrationContext.configure(bind).get_current_revision()
     head = head_revision()
     if revision == head:
         return "current", revision
@@ -88,10 +90,10 @@ def schema_state(engine: Engine) -> tuple[str, str | None]:
     return ("behind" if revision in known else "ahead"), revision
 
 
-def check_schema(engine: Engine) -> str:
+def check_schema(bind: Engine | Connection) -> str:
     """Raise :class:`SchemaBehindError` unless the database is at this code's schema or newer;
     returns the state (``"current"`` or ``"ahead"``)."""
-    state, revision = schema_state(engine)
+    state, revision = schema_state(bind)
     if state == "behind":
         at = f"at revision {revision}" if revision else "not migrated"
         raise SchemaBehindError(

@@ -27,15 +27,14 @@ def readyz(rt: RuntimeDep) -> JSONResponse:
     try:
         with rt.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
+            checks["database"] = "ok"
+            try:
+                check_schema(conn)
+                checks["schema"] = "ok"
+            except SchemaBehindError as e:
+                checks["schema"] = str(e)
     except Exception as e:
         checks["database"] = f"unreachable: {type(e).__name__}"
-    else:
-        try:
-            check_schema(rt.engine)
-            checks["schema"] = "ok"
-        except SchemaBehindError as e:
-            checks["schema"] = str(e)
     try:
         rt.dispatcher.ping()
         checks["broker"] = "ok"
