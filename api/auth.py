@@ -63,6 +63,20 @@ class Session:
         return hashlib.sha256(self.nonce.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who did an admin action, as the audit trail records it: ``admin-token`` (a bearer
+    request), ``session:<first 12 hex digits of the session key>`` (a dashboard browser), or
+    ``anonymous`` (a refused sign-in); and the address the request came from."""
+
+    who: str
+    address: str | None
+
+    @classmethod
+    def of_session(cls, session: Session, address: str | None) -> Actor:
+        return cls(f"session:{session.key[:12]}", address)
+
+
 def new_session(now: float | None = None) -> Session:
     """A fresh session: the issue time and 128 random bits."""
     return Session(issued=int(time.time() if now is None else now), nonce=secrets.token_urlsafe(16))

@@ -48,9 +48,16 @@ def admin_session(request: Request, rt: Runtime) -> auth.Session | None:
     return session if sessions.is_open(rt, session) else None
 
 
-def require_admin(request: Request, rt: RuntimeDep) -> None:
+def client_address(request: Request) -> str | None:
+    """The address a request came from, as the server saw it (behind a proxy: the proxy's,
+    unless uvicorn is told to trust its forwarding headers)."""
+    return request.client.host if request.client else None
+
+
+def require_admin(request: Request, rt: RuntimeDep) -> auth.Actor:
     """The admin token as a bearer token, or a dashboard session cookie (which must bring
-    its CSRF token in ``X-CSRF-Token`` on requests that change state)."""
+    its CSRF token in ``X-CSRF-Token`` on requests that change state); returns who it is,
+    for the audit trail."""
     admin_token = rt.settings.resolved_admin_token
     token = bearer(request)
     if token is None:
@@ -61,13 +68,17 @@ def require_admin(request: Request, rt: RuntimeDep) -> None:
             session, admin_token, request.headers.get(auth.CSRF_HEADER)
         ):
             raise Forbidden("missing or invalid X-CSRF-Token for a cookie-authenticated request")
-        return
+        return auth.Actor.of_session(session, client_address(request))
     # Constant-time: the comparison's duration says nothing about how much of it matched.
     if not hmac.compare_digest(token.encode(), admin_token.encode()):
         raise Unauthorized("invalid admin token")
+    return auth.Actor("admin-token", client_address(request))
 
 
 AdminDep = Depends(require_admin)
+#: The admin making the request (FastAPI runs ``require_admin`` once per request, however
+#: many times it is declared).
+AdminActor = Annotated[auth.Actor, Depends(require_admin)]
 
 
 def current_agent(

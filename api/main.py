@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import ApiError
 from api.metrics import LATENCY, REQUESTS
 from api.migrate import check_schema
-from api.routes import agent, health, runs, sessions
+from api.routes import agent, audit, health, runs, sessions
 from api.runtime import Runtime, make_runtime
 from api.services import reconcile
 from api.services import rounds as round_service
@@ -194,6 +194,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(health.router)
     app.include_router(runs.router)
     app.include_router(sessions.router)
+    app.include_router(audit.router)
     app.include_router(agent.me_router)
     app.include_router(agent.router)
     pages.install(app)

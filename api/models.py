@@ -7,7 +7,8 @@ and a row naming a blob commits only after the blob is completely written.
 
 Each table has one write path: ``runs`` and ``rounds`` in :mod:`api.services.rounds` /
 :mod:`api.services.runs`, ``clients`` in :mod:`api.services.clients`, ``updates`` in
-:mod:`api.services.updates`, ``admin_sessions`` in :mod:`api.services.sessions`.
+:mod:`api.services.updates`, ``admin_sessions`` in :mod:`api.services.sessions`,
+``audit_events`` in :mod:`api.services.audit`.
 """
 
 from __future__ import annotations
@@ -212,3 +213,21 @@ class AdminSession(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     #: When the cookie expires (sign-in time + ``session_ttl_s``): rows past it are pruned.
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class AuditEvent(Base):
+    """An admin action, written in the same transaction as the action itself: it is recorded
+    exactly when the action took effect. Never updated or deleted by the application."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    #: ``admin-token``, ``session:<12 hex digits>`` or ``anonymous`` (:class:`api.auth.Actor`)
+    actor: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(40))
+    # No foreign keys: the trail outlives whatever it names.
+    run_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    client_id: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any] | None]

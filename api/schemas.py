@@ -248,6 +248,25 @@ class SessionsSignedOut(BaseModel):
     signed_out: int = Field(description="unexpired dashboard sessions that were ended")
 
 
+class AuditEventPublic(BaseModel):
+    id: int
+    at: dt.datetime
+    #: ``admin-token``, ``session:<12 hex digits>`` (a dashboard browser)
+    actor: str
+    address: str | None
+    #: create_run, launch_run, cancel_run, resume_run, enroll_client, revoke_client,
+    #: new_client_token, sign_in, sign_out, sign_out_everywhere
+    action: str
+    run_id: int | None
+    client_id: int | None
+    detail: dict[str, Any] | None
+
+
+class AuditEventsPublic(BaseModel):
+    data: list[AuditEventPublic]
+    count: int
+
+
 class BlobPublic(BaseModel):
     round: int
     sha256: str

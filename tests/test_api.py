@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from api.services import rounds as round_service
 from fedsrd_core.modeling import load_causal_lm
 from fedsrd_core.peft_lora import attach_lora, lora_config, state_to_peft
 from fedsrd_core.snapshot import decode_snapshot
-from tests.api_support import Api, FakeAgent, database_url, make_api
+from tests.api_support import ADMIN, Api, FakeAgent, database_url, make_api
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -335,6 +336,44 @@ def test_a_new_token_replaces_the_old_one_at_once(api: Api):
     with pytest.raises(ServerError) as e:
         api.agent(run_id, new_token).poll(2)
     assert e.value.status == 410
+
+
+def test_admin_actions_leave_an_audit_trail(api: Api):
+    run_id = api.create_run()["id"]
+    cid, token = api.enroll(run_id, "site-a")
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/launch").status_code == 200
+    new_token = api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/token").json()["token"]
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/clients/{cid}/revoke").status_code == 200
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/cancel").status_code == 200
+    # Refused actions leave nothing: the trail is written in the action's own transaction.
+    for path in ("cancel", "launch", f"clients/{cid}/token", "resume"):
+        assert api.admin("POST", f"/api/v1/runs/{run_id}/{path}").status_code == 409, path
+    other = api.create_run(launch=True, name="other")["id"]
+
+    trail = api.admin("GET", "/api/v1/audit").json()
+    assert [(e["action"], e["run_id"], e["client_id"]) for e in trail["data"]] == [
+        ("launch_run", other, None),
+        ("create_run", other, None),
+        ("cancel_run", run_id, None),
+        ("revoke_client", run_id, cid),
+        ("new_client_token", run_id, cid),
+        ("launch_run", run_id, None),
+        ("enroll_client", run_id, cid),
+        ("create_run", run_id, None),
+    ]
+    assert trail["count"] == 8
+    assert {(e["actor"], e["address"]) for e in trail["data"]} == {("admin-token", "testclient")}
+    assert trail["data"][3]["detail"] == {"name": "site-a"}
+    assert trail["data"][1]["detail"]["name"] == "other"
+    times = [e["at"] for e in trail["data"]]
+    assert times == sorted(times, reverse=True)
+    text = json.dumps(trail)
+    assert token not in text and new_token not in text and ADMIN not in text
+
+    page = api.admin("GET", f"/api/v1/audit?run_id={run_id}&offset=1&limit=2").json()
+    assert page["count"] == 6
+    assert [e["action"] for e in page["data"]] == ["revoke_client", "new_client_token"]
+    assert api.client.get("/api/v1/audit").status_code == 401
 
 
 def test_heartbeat_marks_training(api: Api):

@@ -43,6 +43,8 @@ ADMIN_ROUTES = [
     ("POST", "/api/v1/runs/{run}/clients/1/token"),
     ("GET", "/api/v1/runs/{run}/rounds"),
     ("GET", "/api/v1/runs/{run}/adapter"),
+    ("GET", "/api/v1/audit"),
+    ("DELETE", "/api/v1/sessions"),
 ]
 
 

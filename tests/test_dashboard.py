@@ -157,17 +157,36 @@ def test_sign_out_everywhere_from_a_page_and_from_the_api(any_db_api: Api):
 def test_sessions_expire_and_expired_rows_are_pruned_at_sign_in(api: Api):
     ttl = api.settings.session_ttl_s
     long_ago = utcnow() - dt.timedelta(seconds=ttl + 5)
-    stale = [sessions.sign_in(api.rt, now=long_ago) for _ in range(3)]
+    stale = [sessions.sign_in(api.rt, "127.0.0.1", now=long_ago) for _ in range(3)]
     for value in stale:
         # Its MAC is fine; both its signed age and its row say it is over.
         session = auth.verify(value, ADMIN, ttl_s=10 * ttl)
         assert not sessions.is_open(api.rt, session)
-    fresh = auth.verify(sessions.sign_in(api.rt), ADMIN, ttl_s=ttl)
+    fresh = auth.verify(sessions.sign_in(api.rt, "127.0.0.1"), ADMIN, ttl_s=ttl)
     assert sessions.is_open(api.rt, fresh)
     with api.rt.sessions() as s:
         keys = s.scalars(select(AdminSession.key)).all()
     assert keys == [fresh.key]  # the three expired rows went with the sign-in
     assert fresh.nonce not in keys[0]  # the table holds a hash, not the nonce
+
+
+def test_dashboard_actions_are_audited_as_their_session(api: Api):
+    run_id = api.create_run()["id"]
+    r = api.client.post("/login", data={"token": "wrong"})
+    assert r.status_code == 401  # refused: logged, but no row (anyone can send these)
+    csrf = sign_in(api)
+    r = api.client.post(f"/runs/{run_id}/launch", data={"csrf_token": csrf}, headers=HTML)
+    assert r.status_code == 200 and api.run(run_id)["status"] == "running"
+    api.client.post("/logout", data={"csrf_token": csrf, "everywhere": "1"})
+    events = api.admin("GET", "/api/v1/audit").json()["data"]
+    assert [e["action"] for e in events] == [
+        "sign_out_everywhere", "launch_run", "sign_in", "create_run",
+    ]  # fmt: skip
+    who = events[0]["actor"]
+    assert re.fullmatch(r"session:[0-9a-f]{12}", who)
+    assert [e["actor"] for e in events] == [who, who, who, "admin-token"]
+    assert events[0]["detail"] == {"sessions": 1}
+    assert {e["address"] for e in events} == {"testclient"}
 
 
 def test_next_only_redirects_within_the_server():

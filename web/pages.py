@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from api import auth
-from api.deps import RuntimeDep, admin_session
+from api.deps import RuntimeDep, admin_session, client_address
 from api.errors import Forbidden, InvalidInput
 from api.models import utcnow
 from api.routes import runs as runs_api
@@ -46,6 +47,7 @@ from fedsrd_core.strategies import available_strategies
 from web import STATIC_DIR, TEMPLATES_DIR, views
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PAGE_SIZE = 20
 #: Seconds between refreshes of a live fragment while its run is active.
 LIVE_INTERVAL_MS = 2000
@@ -163,6 +165,10 @@ def _check_csrf(rt: Runtime, session: auth.Session, form: FormData) -> None:
         raise Forbidden("the form's CSRF token is missing or stale; reload the page and retry")
 
 
+def _actor(request: Request, session: auth.Session) -> auth.Actor:
+    return auth.Actor.of_session(session, client_address(request))
+
+
 async def _call(fn: Callable[..., T], *args: Any) -> T:
     return await run_in_threadpool(fn, *args)
 
@@ -190,11 +196,13 @@ async def login(request: Request, rt: RuntimeDep) -> Response:
         token.strip().encode(), admin.encode()
     ):
         error = "That is not the admin token." if token else "Enter the admin token."
+        # Logged, not put in the audit table: anyone can send these, as many as they like.
+        log.warning("dashboard sign-in refused from %s", client_address(request))
         return render(request, "login.html", {"next": next_url, "error": error}, status=401)
     response = _redirect(next_url)
     response.set_cookie(
         auth.COOKIE,
-        await _call(sessions.sign_in, rt),
+        await _call(sessions.sign_in, rt, client_address(request)),
         max_age=rt.settings.session_ttl_s,
         httponly=True,
         samesite="lax",
@@ -209,10 +217,11 @@ async def logout(request: Request, rt: RuntimeDep, session: SessionDep) -> Respo
     """Sign this browser out; with ``everywhere=1`` in the form, every signed-in browser."""
     form = await request.form()
     _check_csrf(rt, session, form)
+    actor = _actor(request, session)
     if form.get("everywhere") == "1":
-        await _call(sessions.sign_out_everywhere, rt)
+        await _call(sessions.sign_out_everywhere, rt, actor)
     else:
-        await _call(sessions.sign_out, rt, session)
+        await _call(sessions.sign_out, rt, session, actor)
     response = _redirect("/login")
     response.delete_cookie(auth.COOKIE, path="/")
     return response
@@ -396,7 +405,8 @@ async def create_run(request: Request, rt: RuntimeDep, session: SessionDep) -> R
             errors.setdefault(key, []).extend(msgs)
     if body is not None and not errors:
         try:
-            run = await _call(runs_api.create_run, body, rt, bool(form.get("launch")))
+            launch = bool(form.get("launch"))
+            run = await _call(runs_api.create_run, body, rt, _actor(request, session), launch)
             return _redirect(f"/runs/{run.id}")
         except InvalidInput as e:
             detail = e.detail if isinstance(e.detail, dict) else {"message": str(e.detail)}
@@ -441,7 +451,7 @@ async def _run_action(
     request: Request, rt: Runtime, session: auth.Session, run_id: int, action: Callable[..., Any]
 ) -> Response:
     _check_csrf(rt, session, await request.form())
-    await _call(action, run_id, rt)
+    await _call(action, run_id, rt, _actor(request, session))
     return _redirect(f"/runs/{run_id}")
 
 
@@ -472,7 +482,7 @@ async def enroll(request: Request, run_id: RunId, rt: RuntimeDep, session: Sessi
         message = "; ".join(m for msgs in validation_errors(e).values() for m in msgs)
         context.update(enroll_error=message, enroll_name=name)
         return render(request, "run.html", context, status=422, session=session)
-    enrolled = await _call(runs_api.enroll_client, run_id, body, rt)
+    enrolled = await _call(runs_api.enroll_client, run_id, body, rt, _actor(request, session))
     context = await _call(_run_context, rt, run_id)
     context["enrolled"] = _token_card(request, enrolled, f"Client “{enrolled.name}” enrolled")
     return render(request, "run.html", context, status=201, session=session)
@@ -500,7 +510,9 @@ async def rotate_token(
     session: SessionDep,
 ) -> Response:
     _check_csrf(rt, session, await request.form())
-    client = await _call(runs_api.rotate_client_token, run_id, client_id, rt)
+    client = await _call(
+        runs_api.rotate_client_token, run_id, client_id, rt, _actor(request, session)
+    )
     context = await _call(_run_context, rt, run_id)
     context["enrolled"] = _token_card(request, client, f"New token for client “{client.name}”")
     return render(request, "run.html", context, session=session)
@@ -515,7 +527,7 @@ async def revoke(
     session: SessionDep,
 ) -> Response:
     _check_csrf(rt, session, await request.form())
-    await _call(runs_api.revoke_client, run_id, client_id, rt)
+    await _call(runs_api.revoke_client, run_id, client_id, rt, _actor(request, session))
     return _redirect(f"/runs/{run_id}")
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
-from api.deps import AdminDep, RuntimeDep
+from api.deps import AdminActor, AdminDep, RuntimeDep
 from api.errors import Conflict, NotFound
 from api.models import Client, Round, Run, utcnow
 from api.runtime import Runtime
@@ -79,12 +79,12 @@ def client_public(c: Client, run: Run, current: Round | None, now: dt.datetime) 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_run(
-    body: RunCreate, rt: RuntimeDep, launch: Annotated[bool, Query()] = False
+    body: RunCreate, rt: RuntimeDep, actor: AdminActor, launch: Annotated[bool, Query()] = False
 ) -> RunPublic:
     """Create a run (validates the model and adapter); ``?launch=true`` also launches it."""
-    run = run_service.create(rt, body)
+    run = run_service.create(rt, body, actor)
     if launch:
-        run = run_service.launch(rt, run.id)
+        run = run_service.launch(rt, run.id, actor)
     return _one(rt, run)
 
 
@@ -105,25 +105,27 @@ def get_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
 
 
 @router.post("/{run_id}/launch")
-def launch_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
-    return _one(rt, run_service.launch(rt, run_id))
+def launch_run(run_id: RunId, rt: RuntimeDep, actor: AdminActor) -> RunPublic:
+    return _one(rt, run_service.launch(rt, run_id, actor))
 
 
 @router.post("/{run_id}/cancel")
-def cancel_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
-    return _one(rt, run_service.cancel(rt, run_id))
+def cancel_run(run_id: RunId, rt: RuntimeDep, actor: AdminActor) -> RunPublic:
+    return _one(rt, run_service.cancel(rt, run_id, actor))
 
 
 @router.post("/{run_id}/resume")
-def resume_run(run_id: RunId, rt: RuntimeDep) -> RunPublic:
+def resume_run(run_id: RunId, rt: RuntimeDep, actor: AdminActor) -> RunPublic:
     """Resume a failed run, or re-send the work of a running one after a restart."""
-    return _one(rt, run_service.resume(rt, run_id))
+    return _one(rt, run_service.resume(rt, run_id, actor))
 
 
 @router.post("/{run_id}/clients", status_code=status.HTTP_201_CREATED)
-def enroll_client(run_id: RunId, body: ClientCreate, rt: RuntimeDep) -> ClientEnrolled:
+def enroll_client(
+    run_id: RunId, body: ClientCreate, rt: RuntimeDep, actor: AdminActor
+) -> ClientEnrolled:
     """Enroll a client; the response holds its token, shown this once."""
-    client, token = run_service.enroll_client(rt, run_id, body.name)
+    client, token = run_service.enroll_client(rt, run_id, body.name, actor)
     run, current, _ = run_service.list_clients(rt, run_id)
     pub = client_public(client, run, current, utcnow())
     return ClientEnrolled(**pub.model_dump(), token=token)
@@ -138,19 +140,25 @@ def list_clients(run_id: RunId, rt: RuntimeDep) -> ClientsPublic:
 
 @router.post("/{run_id}/clients/{client_id}/revoke")
 def revoke_client(
-    run_id: RunId, client_id: Annotated[int, Path(ge=1, le=MAX_INT)], rt: RuntimeDep
+    run_id: RunId,
+    client_id: Annotated[int, Path(ge=1, le=MAX_INT)],
+    rt: RuntimeDep,
+    actor: AdminActor,
 ) -> ClientPublic:
-    client = run_service.revoke_client(rt, run_id, client_id)
+    client = run_service.revoke_client(rt, run_id, client_id, actor)
     run, current, _ = run_service.list_clients(rt, run_id)
     return client_public(client, run, current, utcnow())
 
 
 @router.post("/{run_id}/clients/{client_id}/token")
 def rotate_client_token(
-    run_id: RunId, client_id: Annotated[int, Path(ge=1, le=MAX_INT)], rt: RuntimeDep
+    run_id: RunId,
+    client_id: Annotated[int, Path(ge=1, le=MAX_INT)],
+    rt: RuntimeDep,
+    actor: AdminActor,
 ) -> ClientEnrolled:
     """Replace a client's token; the response holds the new one, shown this once."""
-    client, token = run_service.rotate_client_token(rt, run_id, client_id)
+    client, token = run_service.rotate_client_token(rt, run_id, client_id, actor)
     run, current, _ = run_service.list_clients(rt, run_id)
     pub = client_public(client, run, current, utcnow())
     return ClientEnrolled(**pub.model_dump(), token=token)

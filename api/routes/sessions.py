@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import AdminDep, RuntimeDep
+from api.deps import AdminActor, AdminDep, RuntimeDep
 from api.schemas import SessionsSignedOut
 from api.services import sessions
 
@@ -13,6 +13,6 @@ router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], dependencies=[A
 
 
 @router.delete("")
-def sign_out_everywhere(rt: RuntimeDep) -> SessionsSignedOut:
+def sign_out_everywhere(rt: RuntimeDep, actor: AdminActor) -> SessionsSignedOut:
     """Sign every dashboard browser out; the admin token keeps working."""
-    return SessionsSignedOut(signed_out=sessions.sign_out_everywhere(rt))
+    return SessionsSignedOut(signed_out=sessions.sign_out_everywhere(rt, actor))

@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from api.auth import Actor
 from api.errors import Conflict, InvalidInput, NotFound
 from api.models import Client, Round, Run, utcnow
 from api.runtime import Runtime
 from api.schemas import RunCreate
+from api.services import audit
 from api.services import clients as client_service
 from api.services import rounds as round_service
 from api.services.states import layout_of, rank_of
@@ -44,7 +47,7 @@ def _fingerprint(path: str) -> str:
     return _FINGERPRINTS[key]
 
 
-def create(rt: Runtime, body: RunCreate) -> Run:
+def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
     """Validate the model against the LoRA settings and store the run (status ``created``).
 
     Loading the model's config (and its weights, for the fingerprint) happens before the
@@ -90,6 +93,8 @@ def create(rt: Runtime, body: RunCreate) -> Run:
         if body.simulation:
             for i in range(body.simulation.clients):
                 client_service.enroll(tx.session, run, f"sim-{i}", simulated=True)
+        detail = {"name": run.name, "strategy": body.strategy, "rounds": body.rounds}
+        audit.record(tx.session, actor, "create_run", run_id=run.id, detail=detail)
     return run
 
 
@@ -122,7 +127,7 @@ def active_clients(rt: Runtime, run_ids: list[int]) -> dict[int, int]:
     return {run_id: counts.get(run_id, 0) for run_id in run_ids}
 
 
-def launch(rt: Runtime, run_id: int) -> Run:
+def launch(rt: Runtime, run_id: int, actor: Actor) -> Run:
     """Write the initial state (round 0 snapshot) and open round 1."""
     run = get(rt, run_id)
     if run.status != "created":
@@ -142,10 +147,11 @@ def launch(rt: Runtime, run_id: int) -> Run:
         run.initial_size = blob.size
         run.initial_digest = digest
         round_service.open_round(tx, rt, run, 1)
+        audit.record(tx.session, actor, "launch_run", run_id=run.id)
     return run
 
 
-def cancel(rt: Runtime, run_id: int) -> Run:
+def cancel(rt: Runtime, run_id: int, actor: Actor) -> Run:
     with rt.transaction() as tx:
         run = round_service.lock_run(tx.session, run_id)
         if run is None:
@@ -161,10 +167,11 @@ def cancel(rt: Runtime, run_id: int) -> Run:
             rnd.status = "failed"
             rnd.error = "run cancelled"
             rnd.closed_at = utcnow()
+        audit.record(tx.session, actor, "cancel_run", run_id=run.id)
     return run
 
 
-def resume(rt: Runtime, run_id: int) -> Run:
+def resume(rt: Runtime, run_id: int, actor: Actor) -> Run:
     """Resume a failed run: re-open its failed round (keeping the updates it received) with
     a fresh deadline, or re-send the aggregation of a round left aggregating."""
     with rt.transaction() as tx:
@@ -175,6 +182,7 @@ def resume(rt: Runtime, run_id: int) -> Run:
         if run.status == "running":
             # Nothing failed; re-send whatever a lost task would have done.
             _resend(tx, rt, run)
+            audit.record(s, actor, "resume_run", run_id=run.id, detail={"was": "running"})
             return run
         if run.status != "failed":
             raise Conflict(f"run {run_id} is {run.status}; only a failed run can be resumed")
@@ -189,6 +197,7 @@ def resume(rt: Runtime, run_id: int) -> Run:
             rnd.opened_at = utcnow()
             rnd.deadline_at = round_service.deadline_from(run, rnd.opened_at)
         _resend(tx, rt, run)
+        audit.record(s, actor, "resume_run", run_id=run.id, detail={"was": "failed"})
     return run
 
 
@@ -221,7 +230,7 @@ def rounds_of(rt: Runtime, run_id: int) -> tuple[Run, list[tuple[Round, list[int
         return run, out
 
 
-def enroll_client(rt: Runtime, run_id: int, name: str) -> tuple[Client, str]:
+def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Client, str]:
     """Enroll a client; a run that takes every client adds it to the open round too (a late
     joiner catches up on the global state before it trains)."""
     with rt.transaction() as tx:
@@ -231,10 +240,11 @@ def enroll_client(rt: Runtime, run_id: int, name: str) -> tuple[Client, str]:
         client, token = client_service.enroll(tx.session, run, name)
         if run.status == "running" and run.config.get("clients_per_round") is None:
             round_service.add_expected(tx.session, run, client.id)
+        _audit_client(tx.session, actor, "enroll_client", client)
         return client, token
 
 
-def revoke_client(rt: Runtime, run_id: int, client_id: int) -> Client:
+def revoke_client(rt: Runtime, run_id: int, client_id: int, actor: Actor) -> Client:
     """Revoke at once (the token stops working on its next request); an open round stops
     waiting for the client."""
     with rt.transaction() as tx:
@@ -243,18 +253,28 @@ def revoke_client(rt: Runtime, run_id: int, client_id: int) -> Client:
             raise NotFound(f"run {run_id} not found")
         client = client_service.get(tx.session, run_id, client_id)
         client_service.revoke(tx.session, client)
+        _audit_client(tx.session, actor, "revoke_client", client)
         rnd = round_service.current_round(tx.session, run)
         if rnd is not None and rnd.status == "open":
             round_service.maybe_close(tx, rt, run, rnd)
         return client
 
 
-def rotate_client_token(rt: Runtime, run_id: int, client_id: int) -> tuple[Client, str]:
+def rotate_client_token(
+    rt: Runtime, run_id: int, client_id: int, actor: Actor
+) -> tuple[Client, str]:
     """A new token for a client (say, after the old one leaked); the old one stops working on
     its next request. The agent keeps its state: it is the same client."""
     with rt.transaction() as tx:
         client = client_service.get(tx.session, run_id, client_id)
-        return client, client_service.rotate_token(tx.session, client)
+        token = client_service.rotate_token(tx.session, client)
+        _audit_client(tx.session, actor, "new_client_token", client)
+        return client, token
+
+
+def _audit_client(s: Session, actor: Actor, action: str, client: Client) -> None:
+    detail = {"name": client.name}
+    audit.record(s, actor, action, run_id=client.run_id, client_id=client.id, detail=detail)
 
 
 def list_clients(rt: Runtime, run_id: int) -> tuple[Run, Round | None, list[Client]]:

@@ -16,10 +16,12 @@ from sqlalchemy import delete, func, select
 from api import auth
 from api.models import AdminSession, utcnow
 from api.runtime import Runtime
+from api.services import audit
 
 
-def sign_in(rt: Runtime, now: dt.datetime | None = None) -> str:
-    """Open a session and return its cookie value; rows of expired sessions go with it."""
+def sign_in(rt: Runtime, address: str | None, now: dt.datetime | None = None) -> str:
+    """Open a session (for a browser at ``address``) and return its cookie value; rows of
+    expired sessions go with it."""
     now = now or utcnow()
     session = auth.new_session(now.timestamp())
     expires = now + dt.timedelta(seconds=rt.settings.session_ttl_s)
@@ -28,6 +30,7 @@ def sign_in(rt: Runtime, now: dt.datetime | None = None) -> str:
         # rows, so the table never holds more than one lifetime's sign-ins.
         tx.session.execute(delete(AdminSession).where(AdminSession.expires_at <= now))
         tx.session.add(AdminSession(key=session.key, created_at=now, expires_at=expires))
+        audit.record(tx.session, auth.Actor.of_session(session, address), "sign_in")
     return session.cookie(rt.settings.resolved_admin_token)
 
 
@@ -43,19 +46,24 @@ def is_open(rt: Runtime, session: auth.Session, now: dt.datetime | None = None) 
     return found is not None
 
 
-def sign_out(rt: Runtime, session: auth.Session) -> None:
+def sign_out(rt: Runtime, session: auth.Session, actor: auth.Actor) -> None:
     """End ``session``: its cookie, and every copy of it, stops working at once."""
     with rt.transaction() as tx:
         tx.session.execute(delete(AdminSession).where(AdminSession.key == session.key))
+        audit.record(tx.session, actor, "sign_out")
 
 
-def sign_out_everywhere(rt: Runtime) -> int:
+def sign_out_everywhere(rt: Runtime, actor: auth.Actor) -> int:
     """End every dashboard session (the admin token itself keeps working); returns how many
     unexpired sessions there were."""
     now = utcnow()
     with rt.transaction() as tx:
-        count = tx.session.scalar(
-            select(func.count()).select_from(AdminSession).where(AdminSession.expires_at > now)
+        count = int(
+            tx.session.scalar(
+                select(func.count()).select_from(AdminSession).where(AdminSession.expires_at > now)
+            )
+            or 0
         )
         tx.session.execute(delete(AdminSession))
-    return int(count or 0)
+        audit.record(tx.session, actor, "sign_out_everywhere", detail={"sessions": count})
+    return count
