@@ -189,6 +189,24 @@ def test_dashboard_actions_are_audited_as_their_session(api: Api):
     assert {e["address"] for e in events} == {"testclient"}
 
 
+def test_the_audit_trail_page_shows_what_the_api_serves(api: Api):
+    run_id = api.create_run()["id"]
+    other = api.create_run(name="other")["id"]
+    sign_in(api)
+    document = api.admin("GET", "/api/v1/audit").json()
+    page = api.client.get("/audit", headers=HTML).text
+    ids = [int(i) for i in re.findall(r'<tr data-event="(\d+)">', page)]
+    assert ids == [e["id"] for e in document["data"]] and len(ids) == 3  # 2 creates, sign-in
+    assert '<a href="/api/v1/audit?offset=0&amp;limit=20">' in page
+    one = api.client.get(f"/audit?run={run_id}", headers=HTML).text
+    rows = re.findall(r'<tr data-event="(\d+)">.*?</tr>', one, flags=re.S)
+    assert len(rows) == 1 and f'<a href="/runs/{run_id}">run {run_id}</a>' in one
+    assert "create_run" in one and "name: other" not in one
+    assert f'href="/audit?run={other}"' in api.client.get(f"/runs/{other}", headers=HTML).text
+    r = api.client.get("/audit?run=0", headers=HTML)
+    assert r.status_code == 404 and "bad run" in r.text
+
+
 def test_next_only_redirects_within_the_server():
     assert _safe_next("/runs/3?x=1") == "/runs/3?x=1"
     for bad in (None, "", "runs", "//evil.example/x", "https://evil.example/", "/\\evil.example"):
@@ -196,10 +214,11 @@ def test_next_only_redirects_within_the_server():
 
 
 def test_pages_need_a_session_and_sign_in_sets_a_safe_cookie(api: Api):
-    for path in ("/runs", "/runs/new", "/runs/1", "/runs/1/live", "/runs/live?page=2"):
+    for path in ("/runs", "/runs/new", "/runs/1", "/runs/1/live", "/runs/live?page=2", "/audit"):
         r = api.client.get(path, headers=HTML, follow_redirects=False)
         assert r.status_code == 303, path
-        assert r.headers["location"].startswith("/login?next=/runs"), path
+        section = "/audit" if path.startswith("/audit") else "/runs"
+        assert r.headers["location"].startswith(f"/login?next={section}"), path
     r = api.client.post("/runs/new", data={"name": "x"}, follow_redirects=False)
     assert r.status_code == 303 and run_count(api) == 0
 

@@ -316,6 +316,15 @@ def test_enroll_a_client_give_it_a_new_token_then_revoke_it(tab: Tab, stack: Sys
     row = page.locator("#clients tbody tr", has_text="hospital-a")
     assert row.locator("button").count() == 0  # nothing left to do for a revoked client
 
+    # The run's audit trail, reached from its page: what this browser did, newest first.
+    page.click("footer a[href^='/audit?run=']")
+    page.wait_for_url(re.compile(r".*/audit\?run=\d+$"))
+    actions = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
+    assert actions == ["revoke_client", "new_client_token", "enroll_client", "create_run"]
+    who = page.locator("#audit tbody tr td:nth-child(6)").all_inner_texts()
+    assert who[:3] == [who[0]] * 3 and who[0].startswith("session:") and who[3] == "admin-token"
+    tab.shots("audit")
+
 
 def test_cancel_a_run(tab: Tab, stack: System) -> None:
     page = tab.page

@@ -29,6 +29,7 @@ from api import auth
 from api.deps import RuntimeDep, admin_session, client_address
 from api.errors import Forbidden, InvalidInput
 from api.models import utcnow
+from api.routes import audit as audit_api
 from api.routes import runs as runs_api
 from api.runtime import Runtime
 from api.schemas import (
@@ -244,6 +245,30 @@ def _runs_context(rt: Runtime, page: int) -> dict[str, Any]:
 
 
 Page = Annotated[int, Query(ge=1, le=MAX_INT)]
+
+
+@router.get("/audit")
+def audit_page(
+    request: Request,
+    rt: RuntimeDep,
+    session: SessionDep,
+    page: Page = 1,
+    run: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
+) -> Response:
+    """The audit trail, newest first; ``?run=`` for one run's."""
+    offset = (page - 1) * PAGE_SIZE
+    events = audit_api.list_events(rt, offset=offset, limit=PAGE_SIZE, run_id=run)
+    only = f"&run={run}" if run else ""
+    context = {
+        "events": events,
+        "run": run,
+        "page": page,
+        "pages": max(1, math.ceil(events.count / PAGE_SIZE)),
+        "page_url": lambda n: f"/audit?page={n}{only}",
+        "json_url": f"/api/v1/audit?offset={offset}&limit={PAGE_SIZE}"
+        + (f"&run_id={run}" if run else ""),
+    }
+    return render(request, "audit.html", context, session=session)
 
 
 @router.get("/runs")
