@@ -82,12 +82,6 @@ def new_session(now: float | None = None) -> Session:
     return Session(issued=int(time.time() if now is None else now), nonce=secrets.token_urlsafe(16))
 
 
-def issue(admin_token: str, now: float | None = None) -> str:
-    """A new session's cookie value (without its server-side row: see
-    :func:`api.services.sessions.sign_in`)."""
-    return new_session(now).cookie(admin_token)
-
-
 def verify(value: str | None, admin_token: str, ttl_s: int, now: float | None = None) -> Session:
     """The session a cookie value names; ``ValueError`` saying why if it is not valid."""
     if not value:

@@ -54,11 +54,11 @@ def run_count(api: Api) -> int:
 # -- sessions --------------------------------------------------------------------------------
 def test_session_cookie_round_trip_and_every_way_it_fails():
     now = 1_800_000_000.0
-    value = auth.issue(ADMIN, now=now)
+    value = auth.new_session(now).cookie(ADMIN)
     session = auth.verify(value, ADMIN, ttl_s=3600, now=now + 10)
     assert auth.check_csrf(session, ADMIN, session.csrf_token(ADMIN))
     assert not auth.check_csrf(session, ADMIN, None)
-    assert not auth.check_csrf(session, ADMIN, auth.issue(ADMIN, now=now))
+    assert not auth.check_csrf(session, ADMIN, auth.new_session(now).cookie(ADMIN))
     version, issued, nonce, mac = value.split(".")
     cases = {
         "": "not signed in",
@@ -117,7 +117,7 @@ def test_signing_out_ends_every_copy_of_the_cookie(any_db_api: Api):
 def test_a_correctly_signed_cookie_without_its_session_is_refused(api: Api):
     # What a cookie issued before sessions were stored, or minted by anyone who knows the
     # admin token without signing in, looks like: the MAC verifies, no row names it.
-    api.client.cookies.set(auth.COOKIE, auth.issue(ADMIN))
+    api.client.cookies.set(auth.COOKIE, auth.new_session().cookie(ADMIN))
     assert not _signed_in(api.client)
 
 

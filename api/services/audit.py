@@ -40,13 +40,6 @@ def record(
     )
 
 
-def record_alone(rt: Runtime, actor: Actor, action: str, **kwargs: Any) -> None:
-    """An event that is its own transaction (something refused: there is no action's
-    transaction to join)."""
-    with rt.transaction() as tx:
-        record(tx.session, actor, action, **kwargs)
-
-
 def events(
     rt: Runtime, offset: int, limit: int, run_id: int | None = None
 ) -> tuple[list[AuditEvent], int]:
