@@ -59,6 +59,16 @@ def _resumes_at(r: httpx.Response, offset: int) -> bool:
     return unit == "bytes" and first.isdigit() and int(first) == offset
 
 
+def _blob_size(r: httpx.Response) -> int | None:
+    """The whole blob's size from a 200's ``Content-Length`` or a 206's ``Content-Range``."""
+    value = (
+        r.headers.get("content-length")
+        if r.status_code == 200
+        else (r.headers.get("content-range", "").rpartition("/")[2])
+    )
+    return int(value) if value and value.isdigit() else None
+
+
 class AgentClient:
     """Authenticated calls of one client of one run.
 
@@ -163,6 +173,7 @@ class AgentClient:
         received = bytearray()
         etag: str | None = None
         whole_answers = 0
+        size: int | None = None  # the blob's, from the last answer's headers
         start = time.monotonic()
         attempt = 0
         while True:
@@ -187,12 +198,13 @@ class AgentClient:
                         etag = None
                         raise _RetryableAnswerError(f"HTTP {r.status_code} to a range request")
                     etag = r.headers.get("etag") or etag
+                    size = _blob_size(r)
                     for chunk in r.iter_bytes():
                         received += chunk
             except (httpx.TransportError, _RetryableAnswerError) as e:
                 failure = f"{type(e).__name__}: {e} after {len(received)} bytes"
-                # Cut off just as it ended: nothing is missing.
-                if received and hashlib.sha256(received).hexdigest() == sha256:
+                # Cut off just as it ended: nothing is missing (hashed only then).
+                if len(received) == size and hashlib.sha256(received).hexdigest() == sha256:
                     return received
             else:
                 got = hashlib.sha256(received).hexdigest()
