@@ -22,7 +22,12 @@ from typing import Any
 
 import httpx
 
-from fedsrd_core.cli import add_simulate_command, run_simulate
+from fedsrd_core.cli import (
+    add_bench_model_command,
+    add_simulate_command,
+    run_bench_model,
+    run_simulate,
+)
 
 
 def _settings_env(args: argparse.Namespace) -> dict[str, str]:
@@ -246,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     g.add_argument("--dry-run", action="store_true", help="count, remove nothing")
     add_simulate_command(sub)
+    add_bench_model_command(sub)
     args = parser.parse_args(argv)
     commands = {
         "up": cmd_up,
@@ -253,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate": cmd_migrate,
         "gc": cmd_gc,
         "simulate": run_simulate,
+        "bench-model": run_bench_model,
     }
     return int(commands[args.command](args))
 

@@ -1,4 +1,4 @@
-"""``fedsrd``: command-line entry points (``fedsrd simulate``)."""
+"""``fedsrd``: command-line entry points (``fedsrd simulate``, ``fedsrd bench-model``)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def add_simulate_command(sub: Any) -> None:
     p.add_argument(
         "--model",
         default="tiny",
-        help="'tiny' (built and cached locally) or a "
-        "local path / hub id of a causal LM (never downloaded unless --allow-download)",
+        help="'tiny' (built and cached locally), 'bench' (the quality benchmark's model; "
+        "`fedsrd bench-model` builds it) or a local path / hub id of a causal LM (never downloaded "
+        "unless --allow-download)",
     )
     p.add_argument("--allow-download", action="store_true")
     p.add_argument("--clients", type=int, default=4)
@@ -74,7 +75,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     )
     from fedsrd_core.modeling import load_causal_lm
     from fedsrd_core.simulation import SimulationConfig, simulate, write_outputs
-    from fedsrd_core.tiny_assets import tiny_model_path
     from fedsrd_core.training import TrainConfig
 
     config = SimulationConfig(
@@ -109,7 +109,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         d: generate(d, args.eval_per_domain, seed=args.seed, split="eval")
         for d in (*DOMAINS, *OOD_DOMAINS)
     }
-    path = tiny_model_path(args.cache_dir) if args.model == "tiny" else args.model
+    path = resolve_model(args.model, args.cache_dir)
     model, tokenizer = load_causal_lm(str(path), allow_download=args.allow_download)
 
     bar: Any = None
@@ -138,13 +138,69 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_model(name: str, cache_dir: str | Path) -> str:
+    """The directory of a project-built model (``tiny``, ``bench``, ``bench-<width>``),
+    built on first use; any other name is returned as it is (a path or hub id)."""
+    if name == "tiny":
+        from fedsrd_core.tiny_assets import tiny_model_path
+
+        return str(tiny_model_path(cache_dir))
+    if name == "bench" or name.startswith("bench-"):
+        from fedsrd_core.modeling.bench import BenchModelSpec, bench_model_dir
+
+        width = 256 if name == "bench" else int(name.removeprefix("bench-"))
+        return str(
+            bench_model_dir(
+                cache_dir,
+                BenchModelSpec.of_width(width),
+                log=lambda line: print(f"bench model: {line}", file=sys.stderr, flush=True),
+            )
+        )
+    return name
+
+
+def add_bench_model_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench-model",
+        help="build (once) the quality benchmark's base model",
+        description="Build and pre-train the quality testbed's Llama model offline (a BPE "
+        "tokenizer and the model, on the Python standard library's sources and the generated "
+        "domains), cache it, and print its directory and metadata. About 30 minutes on a "
+        "2-core CPU for the default width; instant once cached.",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=256,
+        help="hidden size (256; 64 and 512 for the width ablation)",
+    )
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+
+
+def run_bench_model(args: argparse.Namespace) -> int:
+    from fedsrd_core.modeling.bench import bench_model_metadata
+
+    path = resolve_model(f"bench-{args.width}", args.cache_dir)
+    meta = bench_model_metadata(path)
+    summary = {
+        "path": path,
+        "num_parameters": meta.get("num_parameters"),
+        "build_seconds": meta.get("build_seconds"),
+        "final_held_out_loss": (meta.get("pretrain") or {}).get("final_held_out_loss"),
+        "fingerprint": meta.get("fingerprint"),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsrd`` command."""
     parser = argparse.ArgumentParser(prog="fedsrd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_simulate_command(sub)
+    add_bench_model_command(sub)
     args = parser.parse_args(argv)
-    commands = {"simulate": run_simulate}
+    commands = {"simulate": run_simulate, "bench-model": run_bench_model}
     return commands[args.command](args)
 
 

@@ -212,9 +212,9 @@ def _tensor_seed_bytes(seed: int, name: str, nbytes: int) -> bytes:
     return hashlib.shake_256(f"fedsrd-tiny-init-v1\0{seed}\0{name}".encode()).digest(nbytes)
 
 
-def _init_weights(model: PreTrainedModel, seed: int) -> None:
+def _init_weights(model: PreTrainedModel, seed: int, *, pad_id: int = PAD_ID) -> None:
     """Deterministic Llama-style initialisation: norms at 1, everything else uniform with
-    standard deviation :data:`_INIT_STD`, the padding row of the embedding at 0."""
+    standard deviation :data:`_INIT_STD`, the padding row ``pad_id`` of the embedding at 0."""
     half_width = _INIT_STD * math.sqrt(3.0)  # U(-a, a) has std a / sqrt(3)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -231,7 +231,7 @@ def _init_weights(model: PreTrainedModel, seed: int) -> None:
         embed = model.get_input_embeddings()
         if not isinstance(embed, torch.nn.Embedding):  # pragma: no cover - Llama's is one
             raise TypeError(f"unexpected input embedding module {type(embed).__name__}")
-        embed.weight[PAD_ID].zero_()  # as Llama does for padding_idx: padding adds nothing
+        embed.weight[pad_id].zero_()  # as Llama does for padding_idx: padding adds nothing
 
 
 def _write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
