@@ -363,6 +363,81 @@ def _check_inputs(
         raise ValueError(f"weights must sum to 1, got {sum(weights)}")
 
 
+@dataclass(frozen=True)
+class ModuleTarget:
+    """The target ``T = W_r - B A`` of Eqs. 11-13 for one module, as an operator on thin
+    matrices: ``T`` (``d_out x d_in``) is never formed.
+
+    ``T = L_D R_D - L_W K R_W`` with ``L_D = [dB_bar, B~, E...]``, ``R_D = [A; dA_bar; G...]``
+    (``k = (m + 1) r`` columns / rows, see (*) in the module docstring) and the tail
+    ``L_W K R_W = W - W_r`` of the rank-r truncation (absent for FedSRD-e, or when
+    ``rank(W) <= r``); ``L_W = L_D[:, r:]`` and ``R_W = J R_D`` with ``J`` adding ``R_D``'s
+    first two blocks. Products with ``T`` therefore reduce to ``k``-sized coefficients:
+    ``T X = L_D c(X)`` and ``Z T = c'(Z) R_D``.
+    """
+
+    L: torch.Tensor  # L_D, d_out x k, float32
+    R: torch.Tensor  # R_D, k x d_in, float32
+    r: int
+    tail: _Projection | None
+
+    def right_coefficients(self, RX: torch.Tensor) -> torch.Tensor:
+        """``c`` (``k x n``, float64) with ``T X = L_D c``, given ``RX = R_D X``."""
+        P = RX.to(torch.float64)
+        if self.tail is not None:
+            r = self.r
+            P = P.clone()
+            # K R_W X, with R_W X = J R_D X.
+            P[r:] -= self.tail.right(torch.cat([P[:r] + P[r : 2 * r], P[2 * r :]], dim=0))
+        return P
+
+    def left_coefficients(self, ZL: torch.Tensor) -> torch.Tensor:
+        """``c'`` (``n x k``, float64) with ``Z T = c' R_D``, given ``ZL = Z L_D``."""
+        Q = ZL.to(torch.float64)
+        if self.tail is not None:
+            r = self.r
+            Q = Q.clone()
+            Y = self.tail.left(Q[:, r:])  # Z L_W K, to be multiplied by R_W = J R_D
+            Q[:, :r] -= Y[:, :r]
+            Q[:, r : 2 * r] -= Y[:, :r]
+            Q[:, 2 * r :] -= Y[:, r:]
+        return Q
+
+    def times(self, X: torch.Tensor) -> torch.Tensor:
+        """``T @ X`` for a thin ``X`` (``d_in x n``), float32 out."""
+        return self.L @ self.right_coefficients(self.R @ X).to(self.L.dtype)
+
+    def times_left(self, Z: torch.Tensor) -> torch.Tensor:
+        """``Z @ T`` for a thin ``Z`` (``n x d_out``), float32 out."""
+        return self.left_coefficients(Z @ self.L).to(self.R.dtype) @ self.R
+
+
+def module_target(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dAs: Sequence[torch.Tensor],
+    dBs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    truncate: bool = True,
+) -> ModuleTarget:
+    """The target ``T = W_r - B A`` of one module (Eqs. 9-10) as a :class:`ModuleTarget`.
+
+    Reconstructs each client's factors, aggregates in full-rank space (Eq. 9) and, for FedSRD
+    (``truncate``), finds the rank-``r`` truncation's tail (Eq. 10); FedSRD-e
+    (``truncate=False``) keeps ``W``. Shapes as in :func:`fedsrd_module_delta`.
+    """
+    _check_inputs(A, B, dAs, dBs, weights)
+    r = A.shape[0]
+    L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
+    tail = None  # W - W_r = L_W K R_W (None: rank(W) <= r, or FedSRD-e)
+    if truncate:
+        # L_W = L_D[:, r:] and R_W = [A + dA_bar; G...] = J R_D: W = L_W R_W.
+        R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
+        tail = _rank_r_projection(L_D[:, r:], R_W, r)
+    return ModuleTarget(L_D, R_D, r, tail)
+
+
 def fedsrd_module_delta(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -392,28 +467,20 @@ def fedsrd_module_delta(
     Returns:
         ``("B", dB)`` or ``("A", dA)``: which factor changes and its float32 update.
     """
-    _check_inputs(A, B, dAs, dBs, weights)
-    which = update_parity(round_)
-    r = A.shape[0]
-    L_D, R_D = _centered_factors(A, B, dAs, dBs, weights)
-    tail = None  # W - W_r = L_W K R_W (None: rank(W) <= r, or FedSRD-e)
-    if truncate:
-        # L_W = L_D[:, r:] and R_W = [A + dA_bar; G...] = J R_D: W = L_W R_W.
-        R_W = torch.cat([R_D[:r] + R_D[r : 2 * r], R_D[2 * r :]], dim=0)
-        tail = _rank_r_projection(L_D[:, r:], R_W, r)
-    if which == "B":
-        P = right_pinv_product(R_D, A).to(torch.float64)  # (m+1)r x r = R_D pinv(A)
-        if tail is not None:
-            # K R_W pinv(A), with R_W pinv(A) = J P.
-            P[r:] -= tail.right(torch.cat([P[:r] + P[r : 2 * r], P[2 * r :]], dim=0))
-        return "B", L_D @ P.to(L_D.dtype)
-    Q = left_pinv_product(B, L_D).to(torch.float64)  # r x (m+1)r = pinv(B) L_D
-    if tail is not None:
-        Y = tail.left(Q[:, r:])  # pinv(B) L_W K, to be multiplied by R_W = [A + dA_bar; G]
-        Q[:, :r] -= Y[:, :r]
-        Q[:, r : 2 * r] -= Y[:, :r]
-        Q[:, 2 * r :] -= Y[:, r:]
-    return "A", Q.to(R_D.dtype) @ R_D
+    target = module_target(A, B, dAs, dBs, weights, truncate=truncate)
+    return one_factor_solve(target, A, B, round_=round_)
+
+
+def one_factor_solve(
+    target: ModuleTarget, A: torch.Tensor, B: torch.Tensor, *, round_: int
+) -> tuple[Factor, torch.Tensor]:
+    """Eqs. 11-13 on a target: ``("B", T pinv(A))`` on odd rounds, ``("A", pinv(B) T)`` on
+    even ones (float32), through ``r x r`` Gram pseudo-inverses in float64."""
+    if update_parity(round_) == "B":
+        P = target.right_coefficients(right_pinv_product(target.R, A))  # R_D pinv(A), fixed
+        return "B", target.L @ P.to(target.L.dtype)
+    Q = target.left_coefficients(left_pinv_product(B, target.L))  # pinv(B) L_D, fixed
+    return "A", Q.to(target.R.dtype) @ target.R
 
 
 def truncated_factors(
