@@ -58,6 +58,12 @@ def add_simulate_command(sub: Any) -> None:
         default=0,
         help="eval examples per set scored by greedy exact match",
     )
+    p.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="record what FedSRD's server step did to each module, per round (dense: small "
+        "models only)",
+    )
     p.add_argument("--out", default="runs/simulation")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,6 +100,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         value_dtype=args.value_dtype,
         seed=args.seed,
         eval_exact_match=args.exact_match,
+        diagnostics=args.diagnostics,
     )
     if args.data:
         clients = [load_examples(p) for p in args.data]

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from fedsrd_core.codec import ValueDType, decode, encode
 from fedsrd_core.data import Example
+from fedsrd_core.diagnostics import round_diagnostics, summarise_by_class
 from fedsrd_core.modeling import model_fingerprint
 from fedsrd_core.peft_lora import adapter_layout, attach_lora, lora_config, state_to_peft
 from fedsrd_core.state import init_state, state_digest
@@ -51,6 +52,8 @@ class SimulationConfig:
         value_dtype: wire dtype of values; seed: run seed (masks, sampling, init).
         eval_exact_match: examples per eval set scored by greedy exact match after the last
             round (0: off); generation is slow, so earlier rounds report losses only.
+        diagnostics: record, per round, what the server step did to every module
+            (:mod:`fedsrd_core.diagnostics`: dense, for small models only).
     """
 
     strategy: str = "fedsrd"
@@ -66,6 +69,7 @@ class SimulationConfig:
     value_dtype: ValueDType = "fp32"
     seed: int = 0
     eval_exact_match: int = 0
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -97,6 +101,8 @@ class RoundRecord:
     eval: dict[str, dict[str, float]]
     seconds: dict[str, float]
     digest: str
+    #: per module class (and "all"): the medians of :mod:`fedsrd_core.diagnostics`' metrics
+    diagnostics: dict[str, dict[str, float]] | None = None
 
 
 @dataclass
@@ -106,6 +112,8 @@ class SimulationResult:
     clients: int
     lora_parameters: int
     model_fingerprint: str = ""
+    #: the evaluation of the base model before any round (the adapter's B = 0)
+    base_eval: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +121,7 @@ class SimulationResult:
             "clients": self.clients,
             "lora_parameters": self.lora_parameters,
             "model_fingerprint": self.model_fingerprint,
+            "base_eval": self.base_eval,
             "rounds": [asdict(r) for r in self.rounds],
         }
 
@@ -182,6 +191,8 @@ def simulate(
     n = len(client_data)
     per_round = max(1, math.ceil(config.participation * n))
     records: list[RoundRecord] = []
+    state_to_peft(server, peft_model)  # B = 0: the base model itself
+    base_eval = _evaluate(peft_model, tokenizer, eval_sets, config, last=False)
     for t in range(1, config.rounds + 1):
         ctx = RoundContext(round=t, seed=config.seed, value_dtype=config.value_dtype)
         chosen = sorted(rng.sample(range(n), per_round))
@@ -218,7 +229,9 @@ def simulate(
             received = decode(blob, expected_shapes=upload_shapes)
             uploads.append(Upload(received, num_samples=len(client_data[c])))
         bytes_down = 0
+        diagnostics = None
         if uploads:
+            before = server.clone() if config.diagnostics else None
             t0 = time.perf_counter()
             delta = strategy.server_round(server, uploads, ctx)
             down = encode(delta, value_dtype=config.value_dtype)
@@ -232,6 +245,9 @@ def simulate(
             digest = state_digest(server)
             if state_digest(client_view) != digest:
                 raise RuntimeError(f"round {t}: client and server states diverged")
+            if before is not None:
+                per_module = round_diagnostics(strategy, before, uploads, server, round_=t)
+                diagnostics = summarise_by_class(per_module) if per_module else None
         else:
             digest = state_digest(server)
         state_to_peft(server, peft_model)
@@ -249,9 +265,12 @@ def simulate(
                 eval=metrics,
                 seconds=secs,
                 digest=digest,
+                diagnostics=diagnostics,
             )
         )
-    return SimulationResult(config.to_dict(), records, n, server.num_parameters(), fingerprint)
+    return SimulationResult(
+        config.to_dict(), records, n, server.num_parameters(), fingerprint, base_eval
+    )
 
 
 def markdown_report(result: SimulationResult) -> str:
@@ -271,6 +290,10 @@ def markdown_report(result: SimulationResult) -> str:
     head += [f"{n} loss" for n in eval_names] + ["train s", "encode s", "server s"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
+    if result.base_eval:  # round 0: the base model, so the rounds read as improvements
+        base = ["0 (base)", "", "", "", ""]
+        base += [f"{result.base_eval[n]['loss']:.3f}" for n in eval_names]
+        lines.append("| " + " | ".join([*base, "", "", ""]) + " |")
     for r in result.rounds:
         up = sum(r.bytes_up.values()) / max(len(r.bytes_up), 1) / 1024
         tl = sum(r.train_loss.values()) / max(len(r.train_loss), 1)

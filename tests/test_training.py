@@ -193,9 +193,16 @@ def test_simulation_end_to_end(tiny_path, tmp_path, strategy):
         train=FAST,
         seed=1,
         eval_exact_match=2,
+        diagnostics=True,
     )
     result = simulate(model, tok, clients, evals, cfg)
     assert [r.round for r in result.rounds] == [1, 2, 3]
+    assert set(result.base_eval) == set(evals)
+    for r in result.rounds:  # only FedSRD has a one-factor solve to diagnose
+        assert (r.diagnostics is not None) == (strategy == "fedsrd")
+        if r.diagnostics is not None:
+            assert {"all", "q_proj"} <= set(r.diagnostics)
+            assert 0.0 <= r.diagnostics["all"]["projection_loss"] <= 1.0 + 1e-9
     for r in result.rounds:
         assert len(r.participants) + len(r.dropped) == 3
         assert all(b > 0 for b in r.bytes_up.values())
