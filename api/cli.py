@@ -165,7 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if all("eval" in r["metrics"] for r in rounds["data"]):
                 break
             time.sleep(0.5)
-        _print_rounds(run, rounds["data"])
+        base = _base_model_eval(run["config"])
+        _print_rounds(run, rounds["data"], base)
         out = Path(args.data_dir or "var") / f"run-{run_id}-adapter.zip"
         z = httpx.get(f"{url}/api/v1/runs/{run_id}/adapter", headers=h, timeout=120)
         z.raise_for_status()
@@ -180,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = {
             "run": run_id,
             "status": run["status"],
+            "base_eval_loss": base,
             "bytes_up": run["bytes_up"],
             "bytes_down": run["bytes_down"],
             "fedavg_equivalent_bytes": run["fedavg_equivalent_bytes"],
@@ -209,9 +211,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
             worker.stop()
 
 
-def _print_rounds(run: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
+def _base_model_eval(config: dict[str, Any]) -> dict[str, float]:
+    """The demo run's evaluation of the tiny base model itself (the adapter's B = 0 adds
+    nothing), computed here with the worker's evaluation, so the rounds read as changes."""
+    from api.settings import Settings
+    from fedsrd_core.modeling import load_causal_lm
+    from fedsrd_core.tiny_assets import tiny_model_path
+    from fedsrd_core.training import evaluate_domains
+
+    model, tokenizer = load_causal_lm(str(tiny_model_path(Settings().model_cache)))
+    ev = config["evaluation"]
+    out = evaluate_domains(
+        model,
+        tokenizer,
+        ev["domains"],
+        int(ev["examples"]),
+        seed=int(config["seed"]),
+        seq_len=int(config["train"]["seq_len"]),
+    )
+    return {d: float(v["loss"]) for d, v in out.items() if "loss" in v}
+
+
+def _print_rounds(
+    run: dict[str, Any], rounds: list[dict[str, Any]], base: dict[str, float]
+) -> None:
     print(f"run {run['id']} ({run['strategy']}): {run['status']}")
     print(f"{'round':>5} {'KiB up/client':>14} {'KiB down':>9} {'train loss':>10} {'eval loss':>9}")
+    if base:
+        mean = sum(base.values()) / len(base)
+        print(f"{'base':>5} {'':>14} {'':>9} {'':>10} {mean:>9.3f}")
     for r in rounds:
         m = r["metrics"]
         ev = [v["loss"] for v in m.get("eval", {}).values() if "loss" in v]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedsrd_core.data import Example, exact_match, first_line, prompt_and_response
+from fedsrd_core.data import Example, exact_match, first_line, generate, prompt_and_response
 from fedsrd_core.peft_lora import peft_to_state, set_trainable, state_to_peft
 from fedsrd_core.state import GlobalState
 
@@ -270,6 +270,28 @@ def evaluate_loss(
         )
     mean = total / tokens
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": float(tokens)}
+
+
+def evaluate_domains(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    domains: Sequence[str],
+    examples: int,
+    *,
+    seed: int,
+    seq_len: int,
+) -> dict[str, dict[str, float] | dict[str, str]]:
+    """:func:`evaluate_loss` on ``examples`` generated evaluation examples of each domain
+    (``generate(domain, examples, seed=seed, split="eval")``). A domain with nothing to score
+    at this ``seq_len`` gets ``{"error": ...}`` instead of failing the others."""
+    out: dict[str, dict[str, float] | dict[str, str]] = {}
+    for domain in domains:
+        data = generate(domain, examples, seed=seed, split="eval")
+        try:
+            out[domain] = evaluate_loss(model, tokenizer, data, seq_len=seq_len)
+        except ValueError as e:  # nothing to score (seq_len too short): say so
+            out[domain] = {"error": str(e)}
+    return out
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ from fedsrd_core.strategies import RoundContext, Upload
 from fedsrd_core.training import (
     TrainConfig,
     client_seeds,
-    evaluate_loss,
+    evaluate_domains,
     local_round,
     throttled,
 )
@@ -273,14 +273,10 @@ def evaluate_round(rt: Runtime, run_id: int, number: int) -> None:
         ev = run.config["evaluation"]
         seq_len = int(run.config["train"]["seq_len"])
         seed = int(run.config["seed"])
-        out: dict[str, dict[str, float] | dict[str, str]] = {}
         with _model_lock, torch.no_grad():
             model, tokenizer = run_model(rt, run)
             state_to_peft(state, model)
-            for domain in ev["domains"]:
-                examples = generate(domain, int(ev["examples"]), seed=seed, split="eval")
-                try:
-                    out[domain] = evaluate_loss(model, tokenizer, examples, seq_len=seq_len)
-                except ValueError as e:  # nothing to score (seq_len too short): say so
-                    out[domain] = {"error": str(e)}
+            out = evaluate_domains(
+                model, tokenizer, ev["domains"], int(ev["examples"]), seed=seed, seq_len=seq_len
+            )
     round_service.record_evaluation(rt, run_id, number, out)
