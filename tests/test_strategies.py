@@ -21,7 +21,16 @@ from fedsrd_core.strategies import (
 
 LAYOUT = {"layers.0.q": (24, 16), "layers.0.v": (8, 16), "layers.1.mlp": (40, 24)}
 RANK = 4
-ALL = ["fed-dare", "fedavg", "fedprox", "fedsrd", "fedsrd-e", "ffa-lora", "flexlora"]
+ALL = [
+    "fed-dare",
+    "fedavg",
+    "fedprox",
+    "fedsrd",
+    "fedsrd-e",
+    "fedsrd-paper",
+    "ffa-lora",
+    "flexlora",
+]
 
 
 def local_training(start: GlobalState, strategy, seed: int) -> GlobalState:
@@ -51,6 +60,8 @@ def test_registry_lists_every_strategy():
 def test_fedsrd_e_is_fedsrd_without_truncation():
     assert default_config("fedsrd-e") == FedSRDConfig(truncate=False)
     assert default_config("fedsrd") == FedSRDConfig()
+    # The paper's method as published: DARE values, no rebalancing; everything else shared.
+    assert default_config("fedsrd-paper") == FedSRDConfig(download_values="dare", rebalance=False)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +70,8 @@ def test_fedsrd_e_is_fedsrd_without_truncation():
         ("fedsrd", {"download_drop": 1.0}, "`download_drop`"),
         ("fedsrd", {"server": "dense"}, "`server`"),
         ("fedsrd", {"truncate": "yes"}, "`truncate`"),
+        ("fedsrd", {"download_values": "exact"}, "`download_values`"),
+        ("fedsrd-paper", {"rebalance": 1}, "`rebalance`"),
         ("fedsrd", {"sparsifier": {"alpha": 2}}, "`alpha`"),
         ("fedsrd", {"rank": 8}, "unknown field"),
         ("fedavg", {"weighting": "median"}, "`weighting`"),
@@ -280,3 +293,56 @@ def test_an_upload_missing_a_tensor_is_rejected():
     up.pop("layers.0.q.lora_A")
     with pytest.raises(WireFormatError, match="missing"):
         decode(encode(up), expected_shapes=strategy.upload_shapes(state))
+
+
+@pytest.mark.parametrize("round_", [1, 2, 3, 4])
+@pytest.mark.parametrize("truncate", [True, False])
+def test_fitted_download_is_the_masked_least_squares_of_the_target(round_, truncate):
+    """The fitted values against a plain row-by-row (B-round) / column-by-column (A-round)
+    lstsq of the dense target on the seeded mask; DARE's values at the same positions."""
+    from fedsrd_core.aggregate import module_target, one_factor_solve, update_parity
+    from fedsrd_core.masks import keep_threshold, seeded_mask
+    from fedsrd_core.reference import dense_aggregate, dense_truncate
+    from fedsrd_core.strategies.fedsrd import dare_download, fitted_download
+
+    g = torch.Generator().manual_seed(round_ + 10 * truncate)
+    d_out, d_in, r = 30, 26, 6
+    A = torch.randn(r, d_in, generator=g)
+    B = torch.randn(d_out, r, generator=g)
+    dAs = [torch.randn(r, d_in, generator=g) * 0.1 for _ in range(3)]
+    dBs = [torch.randn(d_out, r, generator=g) * 0.1 for _ in range(3)]
+    w = [0.5, 0.3, 0.2]
+    which = update_parity(round_)
+    name = "m" + (".lora_A" if which == "A" else ".lora_B")
+    target = module_target(A, B, dAs, dBs, w, truncate=truncate)
+    got = fitted_download(
+        target, A, B, which, name, seed=9, round_=round_, drop=0.8, value_dtype="fp32"
+    )
+    W = dense_aggregate(A, B, dAs, dBs, w)
+    T = (dense_truncate(W, r) if truncate else W) - B.double() @ A.double()
+    shape = (d_out, r) if which == "B" else (r, d_in)
+    mask = seeded_mask(9, round_, name, shape, keep_threshold(0.2))
+    want = torch.zeros(shape, dtype=torch.float64)
+    if which == "B":
+        for u in range(d_out):
+            S = mask[u].nonzero().view(-1)
+            if S.numel():
+                sol = torch.linalg.lstsq(A.double()[S].T, T[u].unsqueeze(1)).solution
+                want[u, S] = sol.view(-1)
+    else:
+        for v in range(d_in):
+            S = mask[:, v].nonzero().view(-1)
+            if S.numel():
+                sol = torch.linalg.lstsq(B.double()[:, S], T[:, v].unsqueeze(1)).solution
+                want[S, v] = sol.view(-1)
+    dense = got.to_sparse(name).to_dense()
+    assert torch.equal(dense != 0, mask & (want != 0))
+    torch.testing.assert_close(dense.double(), want, rtol=1e-4, atol=1e-5)
+    # Same positions (same bytes) as DARE's values of the exact solve.
+    _, delta = one_factor_solve(target, A, B, round_=round_)
+    dare = dare_download(delta, name, seed=9, round_=round_, drop=0.8, value_dtype="fp32")
+    assert dare.values.numel() == got.values.numel()
+    # A contraction: the fitted change is never larger than the target, DARE's can be.
+    change = dense.double() @ A.double() if which == "B" else B.double() @ dense.double()
+    assert float(change.norm()) <= float(T.norm()) * (1 + 1e-6)
+    assert float((T - change).norm()) <= float(T.norm()) * (1 + 1e-6)

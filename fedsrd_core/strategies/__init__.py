@@ -24,7 +24,14 @@ from fedsrd_core.strategies.baselines import (
     FlexLoRA,
     FlexLoRAConfig,
 )
-from fedsrd_core.strategies.fedsrd import FedSRD, FedSRDConfig, FedSRDe, dare_download
+from fedsrd_core.strategies.fedsrd import (
+    FedSRD,
+    FedSRDConfig,
+    FedSRDe,
+    FedSRDPaper,
+    dare_download,
+    fitted_download,
+)
 
 __all__ = [
     "DeltaTensor",
@@ -38,6 +45,7 @@ __all__ = [
     "FedProxConfig",
     "FedSRD",
     "FedSRDConfig",
+    "FedSRDPaper",
     "FedSRDe",
     "FlexLoRA",
     "FlexLoRAConfig",
@@ -49,6 +57,7 @@ __all__ = [
     "available_strategies",
     "dare_download",
     "default_config",
+    "fitted_download",
     "get_strategy",
     "register",
 ]

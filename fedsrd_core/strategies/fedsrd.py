@@ -22,8 +22,16 @@ from typing import Literal
 
 import torch
 
-from fedsrd_core.aggregate import average_factors, fedsrd_module_delta, truncated_factors
+from fedsrd_core.aggregate import (
+    ModuleTarget,
+    average_factors,
+    module_target,
+    one_factor_solve,
+    truncated_factors,
+    update_parity,
+)
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
+from fedsrd_core.fit import masked_least_squares
 from fedsrd_core.masks import keep_threshold, seeded_mask
 from fedsrd_core.sparsify import SparsifierConfig
 from fedsrd_core.state import A_SUFFIX, B_SUFFIX, GlobalState, rebalance_factors
@@ -41,6 +49,7 @@ from fedsrd_core.strategies.base import (
 )
 
 ServerMode = Literal["alternating", "svd", "average"]
+DownloadValues = Literal["dare", "fit"]
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,23 @@ class FedSRDConfig(StrategyConfig):
     Attributes:
         truncate: rank-r truncation of the aggregate (FedSRD); False gives FedSRD-e.
         sparsifier: the client's upload sparsifier (importance + adaptive ratio + L1 rescale).
-        download_drop: DARE drop probability ``p`` of the download (paper: 0.8).
+        download_drop: drop probability ``p`` of the download's seeded mask (paper: 0.8):
+            each entry of the factor update is sent with probability ``1 - p``.
+        download_values: what is sent at the kept positions. ``"dare"`` (the paper): the
+            exact solve's values scaled by ``1 / (1 - p)``, unbiased but with product-space
+            noise about ``sqrt(p / (1 - p))`` = 2 times the update. ``"fit"`` (beyond the
+            paper, the default): the least-squares fit of the target in product space
+            restricted to the mask (:func:`fitted_download`), which never delivers more
+            than the target and adds nothing orthogonal to it. Same positions, same bytes.
         server: ``"alternating"`` (the method), or the ablations ``"svd"`` / ``"average"``.
         rebalance: after each global delta, balance every rank component between ``B`` and
             ``A`` by an exact power of two (:func:`fedsrd_core.state.rebalance_factors`).
             Not in the paper: without it the alternating updates let the factor norms drift
             apart and local training diverges from round 3 in our simulations (README).
             ``B A`` is unchanged bit for bit; False reproduces the paper.
+
+    ``fedsrd-paper`` is the paper's method exactly as published, for reproduction:
+    ``download_values="dare"``, ``rebalance=False``.
         weighting: ``"uniform"`` (paper) or ``"samples"``.
     """
 
@@ -65,6 +84,7 @@ class FedSRDConfig(StrategyConfig):
     download_drop: float = 0.8
     server: ServerMode = "alternating"
     rebalance: bool = True
+    download_values: DownloadValues = "fit"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +95,10 @@ class FedSRDConfig(StrategyConfig):
         check_probability("download_drop", self.download_drop)
         if not isinstance(self.rebalance, bool):
             raise ValueError(f"`rebalance` must be a bool, got {self.rebalance!r}")
+        if self.download_values not in ("dare", "fit"):
+            raise ValueError(
+                f"`download_values` must be 'dare' or 'fit', got {self.download_values!r}"
+            )
         if self.server not in ("alternating", "svd", "average"):
             raise ValueError(
                 f"`server` must be 'alternating', 'svd' or 'average', got {self.server!r}"
@@ -103,6 +127,59 @@ def dare_download(
         round_,
         thr,
         quantize(values, value_dtype),
+        known_positions=(name, positions),
+    )
+
+
+def fitted_download(
+    target: ModuleTarget,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    which: str,
+    name: str,
+    *,
+    seed: int,
+    round_: int,
+    drop: float,
+    value_dtype: ValueDType,
+) -> SeededSparse:
+    """The download's values fitted to the target on the seeded mask (beyond the paper).
+
+    Same positions as :func:`dare_download` (``seeded_mask(seed, round, name)``, kept with
+    probability ``1 - drop``); the values minimise the product-space error row by row:
+
+        B-round, ``dB`` (``d_out x r``), row u kept on S_u:
+            dB[u, S_u] = argmin_x || x A[S_u, :] - T[u, :] ||,   G = A A^T,  C = T A^T
+        A-round, ``dA`` (``r x d_in``), column v kept on S_v:
+            dA[S_v, v] = argmin_y || B[:, S_v] y - T[:, v] ||,   G = B^T B,  C = T^T B
+
+    (:func:`fedsrd_core.fit.masked_least_squares`). ``T`` (``d_out x d_in``) is never formed:
+    ``C`` comes from the target's thin operator. The delivered change is the projection of
+    ``T`` onto what the mask can express, so it is never larger than ``T``.
+    """
+    if which == "B":
+        shape = (B.shape[0], A.shape[0])
+        thr = keep_threshold(1.0 - drop)
+        mask = seeded_mask(seed, round_, name, shape, thr, device=A.device)
+        A64 = A.to(torch.float64)
+        G = A64 @ A64.T
+        C = target.times(A.T.contiguous())  # T A^T, d_out x r
+        values = masked_least_squares(G, C, mask)
+    else:
+        shape = (A.shape[0], A.shape[1])
+        thr = keep_threshold(1.0 - drop)
+        mask = seeded_mask(seed, round_, name, shape, thr, device=A.device)
+        B64 = B.to(torch.float64)
+        G = B64.T @ B64
+        C = target.times_left(B.T.contiguous()).T  # (B^T T)^T = T^T B, d_in x r
+        values = masked_least_squares(G, C.contiguous(), mask.T.contiguous()).T
+    positions = torch.nonzero(mask.reshape(-1)).view(-1)
+    return SeededSparse(
+        shape,
+        seed,
+        round_,
+        thr,
+        quantize(values.reshape(-1)[positions], value_dtype),
         known_positions=(name, positions),
     )
 
@@ -142,10 +219,23 @@ class FedSRD(Strategy):
         for module, dAs, dBs in self.module_updates(state, uploads):
             f = state[module]
             if cfg.server == "alternating":
-                which, delta = fedsrd_module_delta(
-                    f.A, f.B, dAs, dBs, w, round_=ctx.round, truncate=cfg.truncate
-                )
+                target = module_target(f.A, f.B, dAs, dBs, w, truncate=cfg.truncate)
+                which = update_parity(ctx.round)
                 name = module + (A_SUFFIX if which == "A" else B_SUFFIX)
+                if cfg.download_values == "fit":
+                    out[name] = fitted_download(
+                        target,
+                        f.A,
+                        f.B,
+                        which,
+                        name,
+                        seed=ctx.seed,
+                        round_=ctx.round,
+                        drop=cfg.download_drop,
+                        value_dtype=ctx.value_dtype,
+                    )
+                    continue
+                _, delta = one_factor_solve(target, f.A, f.B, round_=ctx.round)
                 out[name] = dare_download(
                     delta,
                     name,
@@ -175,5 +265,16 @@ class FedSRDe(FedSRD):
         return FedSRDConfig(truncate=False)
 
 
+class FedSRDPaper(FedSRD):
+    """FedSRD exactly as published (for reproduction): DARE download values, no rebalancing."""
+
+    name = "fedsrd-paper"
+
+    @classmethod
+    def default_config(cls) -> FedSRDConfig:
+        return FedSRDConfig(download_values="dare", rebalance=False)
+
+
 register("fedsrd", lambda c: FedSRD(c), FedSRD.default_config)
 register("fedsrd-e", lambda c: FedSRDe(c), FedSRDe.default_config)
+register("fedsrd-paper", lambda c: FedSRDPaper(c), FedSRDPaper.default_config)
