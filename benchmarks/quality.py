@@ -444,12 +444,20 @@ def _plots(
     )
 
 
+def _ablation_model(args: argparse.Namespace, width: int) -> str:
+    """The model of one ablation width: the 256-wide testbed is ``bench``; ``--tiny-for-64``
+    takes the tiny model (hidden 64) instead of building a 64-wide bench model."""
+    if width == 64 and args.tiny_for_64:
+        return "tiny"
+    return "bench" if width == 256 else f"bench-{width}"
+
+
 def ablation_protocol(args: argparse.Namespace) -> dict[str, Any]:
     """The paper's method with one component changed at a time, at several widths, with
     per-module diagnostics (seed 0, r = 8, the paper's method at FedAvg's lr)."""
     jobs = []
     for width in args.widths:
-        model = "tiny" if width == 64 and args.tiny_for_64 else f"bench-{width}"
+        model = _ablation_model(args, width)
         for name, change in ABLATIONS.items():
             spec = ("fedsrd-paper", change)
             jobs.append(
@@ -566,7 +574,8 @@ def main() -> None:
             args.out = "benchmarks/results/quality-quick"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     # Build the base model(s) first, once, in this process (two workers must not both do it).
-    for m in {args.model} if not args.ablation else {f"bench-{w}" for w in args.widths}:
+    models = {_ablation_model(args, w) for w in args.widths} if args.ablation else {args.model}
+    for m in sorted(models):
         resolve_model(m, args.cache_dir)
     t0 = time.perf_counter()
     summary = ablation_protocol(args) if args.ablation else main_protocol(args)
