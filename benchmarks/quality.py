@@ -281,6 +281,19 @@ def main_protocol(args: argparse.Namespace) -> dict[str, Any]:
             per_seed = [run_metrics(x, target) for x in by[(n, r)]]
             summary = {k: aggregate([m[k] for m in per_seed]) for k in per_seed[0]}
             summary["lr"] = best_lr[(n, r)]  # type: ignore[assignment]
+            if fedavg_runs:
+                # FedAvg's in-domain loss after as many MiB as this strategy moved in all its
+                # rounds (FedAvg's seed-mean curve, interpolated in cumulative MiB).
+                spent = statistics.fmean(curves(x)["cum_mib"][-1] for x in by[(n, r)])
+                summary["fedavg_at_same_mib"] = aggregate(
+                    [
+                        _interpolate(
+                            _mean_curve(fedavg_runs, "cum_mib"),
+                            _mean_curve(fedavg_runs, "in_domain"),
+                            spent,
+                        )
+                    ]
+                )
             results[f"{n} r={r}"] = summary
         _plots(args, r, labels, by)
     record = {
@@ -362,6 +375,7 @@ def report(
         ("round_to_fedavg_final", "round to FedAvg's final"),
         ("mib_to_fedavg_final", "MiB to FedAvg's final"),
         ("largest_rise", "largest rise"),
+        ("fedavg_at_same_mib", "FedAvg's in-domain after the same MiB"),
     ]
     for r in ranks:
         lines += [f"## r = {r}", ""]
@@ -370,7 +384,10 @@ def report(
         for key, res in results.items():
             if not key.endswith(f" r={r}"):
                 continue
-            cells = [_fmt(res[k], 1 if k == "round_to_fedavg_final" else 3) for k, _ in cols]
+            cells = [
+                _fmt(res[k], 1 if k == "round_to_fedavg_final" else 3) if k in res else "-"
+                for k, _ in cols
+            ]
             lines.append(
                 f"| {key[: -len(f' r={r}')]} | {res['lr']:g} | "
                 f"{res['final_in_domain']['of']:.0f} | " + " | ".join(cells) + " |"
@@ -406,6 +423,15 @@ def report(
                 lines.append(f"| {run} | {parity} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """``ys`` at ``x`` on the piecewise-linear curve through ``(xs, ys)`` (``xs`` increasing);
+    NaN past its end."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys, strict=True)):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 > x0 else 0.0)
+    return math.nan
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> list[float]:
