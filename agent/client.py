@@ -146,7 +146,7 @@ class AgentClient:
         params: dict[str, Any] = {"wait": wait}
         if have_round is not None:
             params["have_round"] = have_round
-        timeout = httpx.Timeout(30.0 + wait)
+        timeout = 30.0 + wait  # a number: httpx and the test client (httpx2) both take it
         result: dict[str, Any] = self._request(
             "GET", "/poll", params=params, timeout=timeout
         ).json()
@@ -255,7 +255,7 @@ class AgentClient:
                 self.prefix + "/heartbeat",
                 headers=self.headers,
                 json={"round": round_number, "step": step, **extra},
-                timeout=httpx.Timeout(5.0),
+                timeout=5.0,
             )
         except httpx.TransportError:
             return False

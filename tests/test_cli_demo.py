@@ -33,8 +33,9 @@ def test_fedsrd_demo_runs_to_completion(tmp_path: Path, model_cache: Path) -> No
     assert 0 < moved < summary["fedavg_equivalent_bytes"]
     # The base model's loss is printed first, so the rounds read as changes from it.
     assert set(summary["base_eval_loss"]) == {"arithmetic", "code", "facts"}
-    table = out.stdout[out.stdout.index(" round ") :].splitlines()
-    assert table[1].split()[0] == "base" and table[2].split()[0] == "1"
+    lines = out.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["round"])
+    assert lines[head + 1].split()[0] == "base" and lines[head + 2].split()[0] == "1"
     for r in summary["rounds"]:
         assert set(r["eval_loss"]) == {"arithmetic", "code", "facts"}
         assert all(v is not None and v > 0 for v in r["eval_loss"].values())
