@@ -277,6 +277,9 @@ def main_protocol(args: argparse.Namespace) -> dict[str, Any]:
             if fedavg_runs
             else None
         )
+        if fedavg_runs:
+            fedavg_mib = _mean_curve(fedavg_runs, "cum_mib")
+            fedavg_loss = _mean_curve(fedavg_runs, "in_domain")
         for n in labels:
             per_seed = [run_metrics(x, target) for x in by[(n, r)]]
             summary = {k: aggregate([m[k] for m in per_seed]) for k in per_seed[0]}
@@ -286,13 +289,7 @@ def main_protocol(args: argparse.Namespace) -> dict[str, Any]:
                 # rounds (FedAvg's seed-mean curve, interpolated in cumulative MiB).
                 spent = statistics.fmean(curves(x)["cum_mib"][-1] for x in by[(n, r)])
                 summary["fedavg_at_same_mib"] = aggregate(
-                    [
-                        _interpolate(
-                            _mean_curve(fedavg_runs, "cum_mib"),
-                            _mean_curve(fedavg_runs, "in_domain"),
-                            spent,
-                        )
-                    ]
+                    [_interpolate(fedavg_mib, fedavg_loss, spent)]
                 )
             results[f"{n} r={r}"] = summary
         _plots(args, r, labels, by)
@@ -328,6 +325,32 @@ def diagnosis_table(run: dict[str, Any]) -> dict[str, dict[str, float]]:
                 if any(math.isfinite(x[k]) for x in rows)
             }
     return out
+
+
+#: The diagnosis columns of the reports (see fedsrd_core/diagnostics.py).
+DIAGNOSIS_COLUMNS = (
+    "cond_fixed",
+    "projection_loss",
+    "download_noise",
+    "residual",
+    "alignment",
+    "truncation_loss",
+    "norm_A",
+    "norm_B",
+)
+
+
+def diagnosis_lines(diagnosis: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """A markdown table of :func:`diagnosis_table` results, one row per run and parity."""
+    lines = [
+        "| run | rounds | " + " | ".join(DIAGNOSIS_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(DIAGNOSIS_COLUMNS),
+    ]
+    for run, table in diagnosis.items():
+        for parity, vals in table.items():
+            cells = [f"{vals[m]:.3g}" if m in vals else "inf" for m in DIAGNOSIS_COLUMNS]
+            lines.append(f"| {run} | {parity} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(a: dict[str, float], digits: int = 3) -> str:
@@ -405,23 +428,7 @@ def report(
             "See `fedsrd_core/diagnostics.py` for the definitions.",
             "",
         ]
-        metrics = [
-            "cond_fixed",
-            "projection_loss",
-            "download_noise",
-            "residual",
-            "alignment",
-            "truncation_loss",
-            "norm_A",
-            "norm_B",
-        ]
-        lines.append("| run | rounds | " + " | ".join(metrics) + " |")
-        lines.append("|---|---|" + "---|" * len(metrics))
-        for run, table in diagnosis.items():
-            for parity, vals in table.items():
-                cells = [f"{vals[m]:.3g}" if m in vals else "inf" for m in metrics]
-                lines.append(f"| {run} | {parity} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [*diagnosis_lines(diagnosis), ""]
     return "\n".join(lines)
 
 
@@ -518,25 +525,7 @@ def ablation_protocol(args: argparse.Namespace) -> dict[str, Any]:
             f"| {k} | {m['final_in_domain']:.3f} | {m['best_in_domain']:.3f} | "
             f"{m['largest_rise']:.3f} | {m['final_ood']:.3f} |"
         )
-    metrics = [
-        "cond_fixed",
-        "projection_loss",
-        "download_noise",
-        "residual",
-        "alignment",
-        "truncation_loss",
-        "norm_A",
-        "norm_B",
-    ]
-    lines += [
-        "",
-        "| run | rounds | " + " | ".join(metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
-    ]
-    for k, table in diagnosis.items():
-        for parity, vals in table.items():
-            cells = [f"{vals[m]:.3g}" if m in vals else "inf" for m in metrics]
-            lines.append(f"| {k} | {parity} | " + " | ".join(cells) + " |")
+    lines += ["", *diagnosis_lines(diagnosis)]
     (Path(args.out) / "ablation.md").write_text("\n".join(lines) + "\n")
     return {"ablation": results, "diagnosis": diagnosis}
 

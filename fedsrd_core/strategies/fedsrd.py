@@ -160,18 +160,15 @@ def fitted_download(
     ``C`` comes from the target's thin operator. The delivered change is the projection of
     ``T`` onto what the mask can express, so it is never larger than ``T``.
     """
+    shape = (B.shape[0], A.shape[0]) if which == "B" else (A.shape[0], A.shape[1])
+    thr = keep_threshold(1.0 - drop)
+    mask = seeded_mask(seed, round_, name, shape, thr, device=A.device)
     if which == "B":
-        shape = (B.shape[0], A.shape[0])
-        thr = keep_threshold(1.0 - drop)
-        mask = seeded_mask(seed, round_, name, shape, thr, device=A.device)
         A64 = A.to(torch.float64)
         G = A64 @ A64.T
         C = target.times(A.T.contiguous())  # T A^T, d_out x r
         values = masked_least_squares(G, C, mask)
     else:
-        shape = (A.shape[0], A.shape[1])
-        thr = keep_threshold(1.0 - drop)
-        mask = seeded_mask(seed, round_, name, shape, thr, device=A.device)
         B64 = B.to(torch.float64)
         G = B64.T @ B64
         C = target.times_left(B.T.contiguous()).T  # (B^T T)^T = T^T B, d_in x r
