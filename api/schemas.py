@@ -175,6 +175,8 @@ class RunPublic(BaseModel):
     bytes_down: int
     fedavg_equivalent_bytes: int
     bytes_saved: int
+    #: Mean eval loss over the held-out sets after the last evaluated round (None without).
+    final_eval_loss: float | None = None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
