@@ -279,7 +279,7 @@ def evaluate_round(rt: Runtime, run_id: int, number: int) -> None:
         with _model_lock, torch.no_grad():
             model, tokenizer = run_model(rt, run)
 
-            def evaluate() -> dict[str, dict[str, float]]:
+            def evaluate() -> dict[str, Any]:
                 return evaluate_domains(
                     model, tokenizer, ev["domains"], int(ev["examples"]), seed=seed, seq_len=seq_len
                 )
