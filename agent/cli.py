@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import tomllib
 import warnings
@@ -114,12 +115,33 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class _TextFormatter(logging.Formatter):
+    """``HH:MM:SS message key=value ...``: the same fields as the JSON lines carry."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = {
+            k: v for k, v in getattr(record, "fields", {}).items() if k != "event" and v is not None
+        }
+        return " ".join([line, *(f"{k}={_text_value(v)}" for k, v in fields.items())])
+
+
+def _text_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    text = str(v)
+    return json.dumps(text) if not text or any(c.isspace() for c in text) else text
+
+
 def setup_logging(json_lines: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_TextFormatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -220,6 +242,33 @@ class _Progress:
             self.bar.close()
 
 
+class _WaitLog:
+    """Says that the agent is waiting (for a launch, for the next round) when that starts or
+    its reason changes, then once every ``every`` seconds: never silent for minutes, never a
+    line per poll."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self.key: tuple[Any, ...] | None = None
+        self.last = 0.0
+
+    def __call__(self, answer: dict[str, Any]) -> None:
+        key = (answer.get("run_status"), answer.get("reason"), answer.get("round"))
+        now = time.monotonic()
+        if key != self.key or now - self.last >= self.every:
+            status = answer.get("run_status")
+            event(
+                "waiting for the run to be launched" if status == "created" else "waiting",
+                run_status=status,
+                round=answer.get("round"),
+                reason=answer.get("reason"),
+            )
+            self.key, self.last = key, now
+
+    def reset(self) -> None:
+        self.key = None
+
+
 def _on_step(progress: _Progress, per_step: int, step: int, loss: float) -> None:
     progress(step, loss, step * per_step)
 
@@ -227,7 +276,17 @@ def _on_step(progress: _Progress, per_step: int, step: int, loss: float) -> None
 def run_agent(args: argparse.Namespace) -> int:
     client, info = _connect(args)
     examples = _load_data(args.data)
-    model, tokenizer = _load_model(args, info)
+    # Building or loading a model can take minutes: say so when it takes more than a few
+    # seconds (a model that fails at once still ends in its one error line).
+    notice = threading.Timer(
+        5.0, event, ("loading model",), {"model": args.model or info["base_model"]}
+    )
+    notice.daemon = True
+    notice.start()
+    try:
+        model, tokenizer = _load_model(args, info)
+    finally:
+        notice.cancel()
     # The first line an agent prints: every setup check has passed by now.
     event(
         "connected",
@@ -268,9 +327,14 @@ def run_agent(args: argparse.Namespace) -> int:
         save(False)
 
     bar = sys.stderr.isatty() and not args.log_json
+    waiting = _WaitLog()
     while True:
         answer = client.poll(part.have_round if part.state is not None else None, args.poll_wait)
         action = answer["action"]
+        if action == "wait":
+            waiting(answer)
+            continue
+        waiting.reset()
         if action == "done":
             plan = client.sync(part.have_round if part.state is not None else None)
             if plan["snapshot"] is not None or plan["deltas"]:
