@@ -40,6 +40,7 @@ from fedsrd_core.peft_lora import (
     ALL_LINEAR,
     EXPERT_SLOT,
     PEFT_PREFIX,
+    LoraSettingError,
     LoraSlot,
     adapter_layout,
     attach_lora,
@@ -136,10 +137,13 @@ def _meta_peft_model(name_or_path: str, config: LoraConfig, allow_download: bool
     try:
         return attach_lora(model, config)
     except ValueError as e:
-        raise ValueError(
+        message = (
             f"cannot attach LoRA with target_modules={config.target_modules!r} to "
             f"{name_or_path!r}: {e}"
-        ) from e
+        )
+        if isinstance(e, LoraSettingError):
+            raise LoraSettingError(e.setting, message) from e
+        raise ValueError(message) from e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,15 @@ _BASE_LAYER: Final = ".base_layer"
 log = logging.getLogger(__name__)
 
 
+class LoraSettingError(ValueError):
+    """A LoRA setting the model cannot take; ``setting`` names it (``"target_modules"``,
+    ``"dropout"``), so a caller can point at the field."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 def expert_slot(parameter: str, expert: int) -> str:
     """The global-state name of routed expert ``expert`` of the fused weight ``parameter``."""
     return f"{parameter}[{expert}]"
@@ -116,8 +125,8 @@ def resolve_lora_config(model: torch.nn.Module, config: LoraConfig) -> LoraConfi
     (peft would correct it with a warning; an exported config must carry the right value).
 
     Raises:
-        ValueError: nothing is selected, or LoRA dropout is asked for on routed experts (peft
-            cannot apply dropout inside fused experts).
+        LoraSettingError: nothing is selected (``target_modules``), or LoRA dropout is asked
+            for on routed experts (``dropout``: peft cannot apply it inside fused experts).
     """
     given: Any = config.target_modules  # peft types it loosely: str, list, set or None
     wanted: str | list[str] = given if isinstance(given, str) else sorted(given or [])
@@ -131,15 +140,17 @@ def resolve_lora_config(model: torch.nn.Module, config: LoraConfig) -> LoraConfi
     )
     parameters = [p for p in expert_parameters(model) if _selects(p, wanted)]
     if not modules and not parameters:
-        raise ValueError(
+        raise LoraSettingError(
+            "target_modules",
             f"target_modules={config.target_modules!r} selects no linear layer and no routed "
-            "expert weight of the model"
+            "expert weight of the model",
         )
     if parameters and config.lora_dropout:
-        raise ValueError(
+        raise LoraSettingError(
+            "dropout",
             f"LoRA dropout {config.lora_dropout} cannot be applied to the routed experts of this "
             "mixture-of-experts model (peft adapts fused expert weights without dropout): use "
-            "dropout 0, or target_modules without the experts (e.g. the attention projections)"
+            "dropout 0, or target_modules without the experts (e.g. the attention projections)",
         )
     resolved = copy.deepcopy(config)
     resolved.target_modules = modules

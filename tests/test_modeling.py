@@ -494,6 +494,14 @@ def test_moe_models_adapt_every_routed_expert_and_say_so(moe_dir, caplog):
         assert f"model.layers.{i}.mlp.gate" not in layout  # the router keeps its choice
     if "Qwen2Moe" in type(model).__name__:  # the shared (dense) expert is a plain MLP
         assert layout["model.layers.0.mlp.shared_expert.up_proj"] == (40, hidden)
+    # peft adapts fused experts without dropout: refused by name, not a worker's traceback.
+    from fedsrd_core.peft_lora import LoraSettingError
+
+    with pytest.raises(LoraSettingError, match=r"dropout 0\.1 cannot be applied") as info:
+        adapter_layout_for(str(moe_dir), rank=4, dropout=0.1)
+    assert info.value.setting == "dropout"
+    attention_only = adapter_layout_for(str(moe_dir), rank=4, target_modules=["q_proj", "v_proj"])
+    assert len(attention_only) == 4  # the documented way to leave the experts alone
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
