@@ -396,3 +396,14 @@ def _cap(api: Api, rid: int) -> int:
 
     with api.rt.sessions() as s:
         return upload_size_cap(s.get(Run, rid))
+
+
+def test_a_seq_len_that_cannot_hold_the_prompt_template_is_refused(api: Api):
+    from tests.api_support import small_run
+
+    # The tiny model's tokenizer is byte-level: the template alone is 140 tokens.
+    short = small_run(train={"steps": 1, "batch_size": 2, "seq_len": 140})
+    body = _err(api.admin("POST", "/api/v1/runs", json=short), 422, "train.seq_len", "is 141")
+    assert "prompt template" in str(body["detail"])
+    assert api.admin("GET", "/api/v1/runs").json()["count"] == 0
+    api.create_run(train={"steps": 1, "batch_size": 2, "seq_len": 141})

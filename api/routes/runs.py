@@ -225,16 +225,23 @@ def export_adapter(
         if run.status == "created":
             raise Conflict(f"run {run_id} has not been launched; there is no adapter yet")
         raise NotFound(f"run {run_id} has no global state for round {number}")
+    from fedsrd_core.modeling import ModelLoadError
+
     state = load_state(rt, run, number)
     lora = run.config["lora"]
-    data = adapter_zip(
-        state,
-        base_model=run.base_model,
-        rank=int(lora["rank"]),
-        alpha=lora["alpha"],
-        dropout=float(lora["dropout"]),
-        target_modules=lora["target_modules"],
-    )
+    try:
+        # The base model as a loadable path ("tiny": the cached directory), so the adapter's
+        # base_model_name_or_path lets AutoPeftModelForCausalLM find it.
+        data = adapter_zip(
+            state,
+            base_model=run_service.resolve_model(rt, run.base_model),
+            rank=int(lora["rank"]),
+            alpha=lora["alpha"],
+            dropout=float(lora["dropout"]),
+            target_modules=lora["target_modules"],
+        )
+    except ModelLoadError as e:  # the model left this server since the run was created
+        raise Conflict(f"cannot export run {run_id}'s adapter: {e}") from e
     return Response(
         data,
         media_type="application/zip",
