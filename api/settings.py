@@ -8,6 +8,7 @@ points ``database_url`` at PostgreSQL and ``broker_url`` at Redis.
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -106,8 +107,12 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(24)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(token + "\n")
-        tmp.chmod(0o600)
+        tmp.unlink(missing_ok=True)  # a crashed start's leftover: O_EXCL must create anew
+        # Created 0600 (O_EXCL: never a file someone else made): the token is never readable
+        # by others, not even between a write and a chmod.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
         tmp.replace(path)
         return path.read_text().strip()
 
