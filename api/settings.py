@@ -75,6 +75,22 @@ class Settings(BaseSettings):
     #: Lifetime of a dashboard sign-in (seconds). Sessions are signed with a key derived
     #: from the admin token: changing the token signs every browser out.
     session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    #: Longest a connection may take to send a request's headers (seconds), counted from
+    #: the connection's start or the request's first byte: a client that stops halfway is
+    #: disconnected (uvicorn itself waits for ever). Needs the project's HTTP protocol
+    #: (``uvicorn --http api.protocol:HttpToolsProtocol``, as ``fedsrd up`` and compose run).
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    #: Longest wait for the next bytes of a request body (seconds): a body that stalls this
+    #: long is refused (408) and a stalled upload's temporary file removed.
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    #: Largest body of any request but an update upload (bytes; 413 past it). Uploads have
+    #: their run's own cap.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    #: Update uploads one API process takes at once, over all clients (503 with
+    #: ``Retry-After`` past it) and per client (429): a stalled body holds one of these
+    #: until ``body_timeout_s``, never a thread that polls and health checks need.
+    max_uploads: int = Field(default=16, ge=1, le=1024)
+    max_uploads_per_client: int = Field(default=2, ge=1, le=64)
 
     @model_validator(mode="after")
     def _keep_a_snapshot(self) -> Settings:

@@ -162,6 +162,7 @@ async def upload(
             sink.write,
             max_bytes=pre.size_cap,
             too_large=f"update exceeds this run's cap of {pre.size_cap} bytes",
+            limiter=request.app.state.upload_threads,
         )
         accepted = await run_in_threadpool(
             update_service.finish,
