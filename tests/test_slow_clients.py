@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.client import AgentClient, ServerError
 from tests.api_support import ADMIN
 from tests.e2e_support import System, system
 
@@ -211,6 +212,25 @@ def test_stalled_uploads_are_bounded_cut_off_and_hold_up_nobody(
         headers={"Authorization": f"Bearer {staller}", "X-Content-SHA256": "ab" * 32},
     )
     assert r.status_code == 422, r.text
+
+
+def test_the_agent_waits_out_a_429_and_then_uploads(api: System, launched: Launched) -> None:
+    rid, token = launched.run_id, launched.tokens[1]
+    path = f"/api/v1/agent/runs/{rid}/rounds/1/update?base_round=0"
+    head = _request_head("PUT", path, token, Content_Length=10_000, X_Content_SHA256="ab" * 32)
+    with ExitStack() as stack:
+        for _ in range(PER_CLIENT):  # this client's slots, taken until the body timeout
+            stack.enter_context(_send(api, head, b"\0" * 1000))
+        time.sleep(0.5)
+        with httpx.Client(base_url=api.url, timeout=30.0) as http:
+            agent = AgentClient(http, token, rid, retry_for=60.0, base_delay=0.2, max_delay=1.0)
+            t0 = time.monotonic()
+            # Refused with 429 first; retried after Retry-After, when the stalled uploads
+            # have been cut off; then judged on its content (not a valid update: 422).
+            with pytest.raises(ServerError) as e:
+                agent.upload(1, 0, b"\0" * 100, num_samples=1)
+            assert e.value.status == 422, e.value
+            assert time.monotonic() - t0 >= BODY_TIMEOUT - 1.0
 
 
 def test_unfinished_headers_and_idle_connections_are_closed(api: System) -> None:
