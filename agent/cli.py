@@ -1,7 +1,11 @@
 """``fedsrd-agent``: take part in a federation from a client site.
 
-    fedsrd-agent --server URL --token TOKEN --data PATH [--model PATH_OR_ID]
+    fedsrd-agent --server URL --token-file FILE --data PATH [--model PATH_OR_ID]
                  [--state-dir DIR] [--device cuda|cpu]
+
+The token: ``--token-file`` (a file only the site's user can read) or the environment
+(``FEDSRD_AGENT_TOKEN``); ``--token TOKEN`` works too, but any user of the machine sees a
+command line (``ps``).
 
 Every option can also come from the environment (``FEDSRD_AGENT_SERVER``, ...) or a config
 file (``--config agent.toml`` or ``.json``, keys named like the options); flags win over the
@@ -50,7 +54,8 @@ class AgentError(Exception):
 
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("server", {"help": "the control plane's URL, e.g. https://fedsrd.example.org"}),
-    ("token", {"help": "this site's client token (given once at enrollment)"}),
+    ("token", {"help": "this site's client token (visible in `ps`: prefer --token-file)"}),
+    ("token-file", {"help": "file holding the client token (given once at enrollment)"}),
     ("data", {"help": "local training data: JSONL (instruction/input/output) or plain text"}),
     ("model", {"help": "base model: local directory or cached hub id (default: the run's)"}),
     ("state-dir", {"default": "fedsrd-agent-state", "help": "where the agent keeps its state"}),
@@ -97,14 +102,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         defaults["log_json"] = True
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.token_file:
+        if args.token:
+            raise AgentError("give the token once: --token or --token-file, not both")
+        args.token = _read_token(Path(args.token_file))
     for required in ("server", "token", "data"):
         if not getattr(args, required):
+            alt = " or --token-file" if required == "token" else ""
             raise AgentError(
-                f"--{required} is required (or {ENV_PREFIX}{required.upper()}, or the config file)"
+                f"--{required}{alt} is required "
+                f"(or {ENV_PREFIX}{required.upper()}, or the config file)"
             )
     args.poll_wait = float(args.poll_wait)
     args.startup_timeout = float(args.startup_timeout)
     return args
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgentError(f"cannot read the token file {path}: {e}") from e
+    if not token or any(c.isspace() for c in token):
+        raise AgentError(f"the token file {path} must hold the token alone, on one line")
+    return token
 
 
 class _JsonFormatter(logging.Formatter):

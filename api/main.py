@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError
+from api.gate import RequestGate
 from api.metrics import LATENCY, REQUESTS
 from api.migrate import check_schema
 from api.routes import agent, audit, health, runs, sessions
@@ -189,6 +191,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal error (logged on the server)")
 
+    # Uploads' writing threads come from a limiter of their own (api.streaming.pump), as
+    # many as the uploads the gate admits at once: never the shared pool's tokens.
+    app.state.upload_threads = anyio.CapacityLimiter(rt.settings.max_uploads)
+    # Added first, so inside _Observe: its refusals are counted too.
+    app.add_middleware(RequestGate, runtime=rt)
     app.add_middleware(_Observe)
 
     app.include_router(health.router)
