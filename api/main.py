@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ApiError
+from api import openapi
+from api.errors import ApiError, InvalidInput
 from api.metrics import LATENCY, REQUESTS
 from api.migrate import check_schema
 from api.routes import agent, audit, health, runs, sessions
@@ -156,7 +157,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         if pages.wants_html(request):
             return await run_in_threadpool(pages.error_page, request, exc.status, str(exc.detail))
-        return _error(exc.status, exc.code, exc.detail, exc.headers)
+        detail = exc.detail
+        if isinstance(exc, InvalidInput) and isinstance(detail, dict):
+            # A service's verdict on one body field: the same list as a validation error's.
+            detail = [{"field": detail["field"], "in": "body", "message": detail["message"]}]
+        return _error(exc.status, exc.code, detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -198,6 +203,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(agent.me_router)
     app.include_router(agent.router)
     pages.install(app)
+    openapi.install(app)
     return app
 
 
