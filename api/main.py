@@ -44,6 +44,13 @@ def _error(
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+#: Why FastAPI could not read a JSON body, by the exception it caught.
+_UNPARSABLE: dict[type[BaseException], str] = {
+    UnicodeDecodeError: "it is not UTF-8",
+    RecursionError: "it is nested too deeply",
+}
+
+
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for e in exc.errors():
@@ -177,6 +184,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         if pages.wants_html(request):
             message = "no such page" if exc.status_code == 404 else str(exc.detail)
             return await run_in_threadpool(pages.error_page, request, exc.status_code, message)
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a body it could not parse (not UTF-8, nested too deep):
+            # malformed JSON like any other, so the same 422 naming the body.
+            why = _UNPARSABLE.get(type(exc.__cause__), "it could not be parsed")
+            message = f"the body is not valid JSON: {why}"
+            return _error(422, "invalid", [{"field": "", "in": "body", "message": message}])
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
 

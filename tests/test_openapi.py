@@ -121,3 +121,20 @@ def test_a_services_verdict_on_a_field_is_listed_like_a_validation_error(
     err = ValidationErrorBody.model_validate(r.json())
     assert isinstance(err.detail, list), err
     assert [(d.field, d.in_) for d in err.detail] == [("model", "body")]
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [(b"\xff\xfe{", "not UTF-8"), (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")],
+    ids=["not-utf8", "nested-too-deep"],
+)
+def test_a_body_that_is_not_json_is_a_422_naming_the_body(
+    client: TestClient, body: bytes, why: str
+) -> None:
+    """FastAPI answered these 400 "There was an error parsing the body"."""
+    headers = {**ADMIN_H, "Content-Type": "application/json"}
+    r = client.post("/api/v1/runs", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    err = ValidationErrorBody.model_validate(r.json())
+    assert isinstance(err.detail, list), err
+    assert err.detail[0].in_ == "body" and why in err.detail[0].message, err
