@@ -191,7 +191,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             message = f"the body is not valid JSON: {why}"
             return _error(422, "invalid", [{"field": "", "in": "body", "message": message}])
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            named = {m.strip() for m in (headers or {}).get("Allow", "").split(",") if m.strip()}
+            allow = named | openapi.allowed_methods(app, request.url.path)
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allow))}
+        return _error(exc.status_code, code, exc.detail, headers)
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:

@@ -19,6 +19,8 @@ schema fuzzer, that the real answers keep to the document.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -270,6 +272,26 @@ def describe(spec: dict[str, Any]) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     return spec
+
+
+@functools.cache
+def _template(path: str) -> re.Pattern[str]:
+    """``/api/v1/runs/{run_id}`` as a pattern matching its concrete paths."""
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)))
+
+
+def allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method the document lists for the resource at the concrete ``path``.
+
+    Starlette's 405 names only the methods of the first route whose path matched, but
+    ``GET`` and ``POST /api/v1/runs`` are two routes: ``Allow`` must name both (RFC 9110).
+    """
+    return {
+        method.upper()
+        for template, operations in app.openapi()["paths"].items()
+        if _template(template).fullmatch(path)
+        for method in operations
+    }
 
 
 def install(app: FastAPI) -> None:

@@ -138,3 +138,11 @@ def test_a_body_that_is_not_json_is_a_422_naming_the_body(
     err = ValidationErrorBody.model_validate(r.json())
     assert isinstance(err.detail, list), err
     assert err.detail[0].in_ == "body" and why in err.detail[0].message, err
+
+
+def test_a_405_names_every_method_of_the_resource(client: TestClient) -> None:
+    """GET and POST /api/v1/runs are two routes; Starlette's Allow named only the first."""
+    r = client.request("OPTIONS", "/api/v1/runs/1/clients", headers=ADMIN_H)
+    assert r.status_code == 405, r.text
+    assert {"GET", "POST"} <= {m.strip() for m in r.headers["allow"].split(",")}
+    assert r.json()["error"] == "method_not_allowed"
