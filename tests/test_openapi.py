@@ -1,5 +1,6 @@
 """The OpenAPI document tells the truth: every operation's statuses, error bodies, security
-and bodies (api/openapi.py)."""
+and bodies (api/openapi.py), checked by reading it and by a schema fuzzer (schemathesis)
+against a real uvicorn with the admin token and an enrolled client's token."""
 
 from __future__ import annotations
 
@@ -10,8 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
+    content_type_conformance,
+    ignored_auth,
+    missing_required_header,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+    unsupported_method,
+)
 
 from api.main import create_app
 from api.openapi import ADMIN_SESSION, ADMIN_TOKEN, CLIENT_TOKEN, CONTRACT
@@ -19,6 +33,26 @@ from api.runtime import make_runtime
 from api.schemas import ValidationErrorBody
 from api.settings import Settings
 from tests.api_support import ADMIN, ADMIN_H, make_api, small_run
+from tests.e2e_support import System, system
+
+#: Examples per operation and phase: bounded, and the seed fixed, so a CI run is repeatable.
+MAX_EXAMPLES = 15
+SEED = 17
+
+#: What `schemathesis run --checks all` checks, less two heuristics that judge the requests
+#: rather than the answers: positive_data_acceptance (a schema-valid upload whose body does
+#: not match its X-Content-SHA256 is refused, rightly) and negative_data_rejection.
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    missing_required_header,
+    unsupported_method,
+    allow_header_conformance,
+    ignored_auth,
+]
 
 
 @functools.cache
@@ -112,17 +146,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         yield api.client
 
 
-def test_a_services_verdict_on_a_field_is_listed_like_a_validation_error(
-    client: TestClient,
-) -> None:
-    body = small_run(model="/nowhere/no-model")
-    r = client.post("/api/v1/runs", json=body, headers=ADMIN_H)
-    assert r.status_code == 422, r.text
-    err = ValidationErrorBody.model_validate(r.json())
-    assert isinstance(err.detail, list), err
-    assert [(d.field, d.in_) for d in err.detail] == [("model", "body")]
-
-
 @pytest.mark.parametrize(
     ("body", "why"),
     [(b"\xff\xfe{", "not UTF-8"), (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")],
@@ -140,9 +163,114 @@ def test_a_body_that_is_not_json_is_a_422_naming_the_body(
     assert err.detail[0].in_ == "body" and why in err.detail[0].message, err
 
 
+def test_a_services_verdict_on_a_field_is_listed_like_a_validation_error(
+    client: TestClient,
+) -> None:
+    body = small_run(model="/nowhere/no-model")
+    r = client.post("/api/v1/runs", json=body, headers=ADMIN_H)
+    assert r.status_code == 422, r.text
+    err = ValidationErrorBody.model_validate(r.json())
+    assert isinstance(err.detail, list), err
+    assert [(d.field, d.in_) for d in err.detail] == [("model", "body")]
+
+
 def test_a_405_names_every_method_of_the_resource(client: TestClient) -> None:
     """GET and POST /api/v1/runs are two routes; Starlette's Allow named only the first."""
     r = client.request("OPTIONS", "/api/v1/runs/1/clients", headers=ADMIN_H)
     assert r.status_code == 405, r.text
     assert {"GET", "POST"} <= {m.strip() for m in r.headers["allow"].split(",")}
     assert r.json()["error"] == "method_not_allowed"
+
+
+# --------------------------------------------------------------------------------------------
+# The fuzzer: a real uvicorn (inline tasks, PostgreSQL), a launched run and a client
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: str, model_cache: Path
+) -> Iterator[tuple[System, str]]:
+    """uvicorn on a fresh PostgreSQL database, with one launched run (round 1 open) whose
+    client token the agent operations are fuzzed with."""
+    import uuid
+
+    from tests.conftest import _admin_sql
+
+    name = f"fedsrd_t_{uuid.uuid4().hex[:12]}"
+    _admin_sql(f'CREATE DATABASE "{name}"')
+    try:
+        tmp = tmp_path_factory.mktemp("fuzz")
+        with system(
+            tmp, f"{postgres_server}/{name}", "", model_cache, FEDSRD_TASK_MODE="inline"
+        ) as sys_:
+            run = sys_.create_run()
+            token = sys_.enroll(run["id"], "site-a")
+            r = sys_.admin("POST", f"/api/v1/runs/{run['id']}/launch")
+            assert r.status_code == 200, r.text
+            yield sys_, token
+    finally:
+        _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+#: The document the fuzzer reads: the app's own, built without a server (pytest collects the
+#: fuzz tests from it, one per operation, before any fixture runs).
+FUZZ_CONFIG = schemathesis.Config.from_dict(
+    {
+        "seed": SEED,
+        # Generation is slower on a loaded CI machine; that is no finding.
+        "suppress-health-check": ["too_slow", "filter_too_much"],
+        "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+    }
+)
+schema = schemathesis.openapi.from_dict(_document(), config=FUZZ_CONFIG)
+#: For the refusals: only random tokens (or none), a few per operation.
+REFUSALS_CONFIG = schemathesis.Config.from_dict(
+    {
+        "seed": SEED,
+        "suppress-health-check": ["too_slow", "filter_too_much"],
+        "generation": {"max-examples": 5, "deterministic": True, "database": "none"},
+        "phases": {"coverage": {"enabled": False}},
+    }
+)
+refusals = schemathesis.openapi.from_dict(_document(), config=REFUSALS_CONFIG)
+
+
+def _token_for(case: schemathesis.Case, admin: str, client: str) -> dict[str, str]:
+    agent = case.operation.path.startswith("/api/v1/agent/")
+    return {"Authorization": f"Bearer {client if agent else admin}"}
+
+
+# The agent's operations first: the admin's fuzzing may cancel the run or revoke the client.
+@pytest.mark.slow
+@schema.include(path_regex="^/api/v1/agent/").parametrize()
+def test_agent_operations_keep_to_the_document(
+    case: schemathesis.Case, live: tuple[System, str]
+) -> None:
+    sys_, token = live
+    case.call_and_validate(base_url=sys_.url, headers=_token_for(case, ADMIN, token), checks=CHECKS)
+
+
+@pytest.mark.slow
+@schema.exclude(path_regex="^/api/v1/agent/").parametrize()
+def test_admin_operations_keep_to_the_document(
+    case: schemathesis.Case, live: tuple[System, str]
+) -> None:
+    sys_, token = live
+    case.call_and_validate(base_url=sys_.url, headers=_token_for(case, ADMIN, token), checks=CHECKS)
+
+
+@pytest.mark.slow
+@refusals.parametrize()
+def test_refusals_keep_to_the_document(case: schemathesis.Case, live: tuple[System, str]) -> None:
+    """Whatever token (or none) the fuzzer generates for the security schemes."""
+    sys_, _ = live
+    case.call_and_validate(base_url=sys_.url, checks=CHECKS)
+
+
+@pytest.mark.slow
+def test_uvicorn_serves_the_completed_document(
+    live: tuple[System, str], spec: dict[str, Any]
+) -> None:
+    sys_, _ = live
+    assert httpx.get(f"{sys_.url}/openapi.json", timeout=30).json() == spec
