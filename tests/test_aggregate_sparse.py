@@ -206,6 +206,7 @@ def test_no_gap_falls_back_to_the_dense_path(monkeypatch):
 def test_switch_to_the_dense_path(monkeypatch):
     """Below SPARSE_MIN_CLIENTS, or denser than SPARSE_MAX_DENSITY, the dense path (its
     target carries all (m + 1) r stacked columns); the result is the same."""
+    monkeypatch.setattr(sp, "SPARSE_MIN_CLIENTS", 1)
     A, B, sAs, sBs, w = make_inputs(40, 30, 4, 8, density=0.5, seed=8)
     dense_target = sparse_module_target(A, B, sAs, sBs, w, truncate=False)
     assert not isinstance(dense_target, SparseModuleTarget)
