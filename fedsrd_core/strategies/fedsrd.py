@@ -27,12 +27,13 @@ import torch
 
 from fedsrd_core.aggregate import (
     ModuleTarget,
+    TargetOperator,
     average_factors,
-    module_target,
     one_factor_solve,
     truncated_factors,
     update_parity,
 )
+from fedsrd_core.aggregate_sparse import sparse_module_target
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.fit import masked_least_squares
 from fedsrd_core.masks import keep_threshold, seeded_mask
@@ -152,7 +153,7 @@ def dare_download(
 
 
 def fitted_download(
-    target: ModuleTarget,
+    target: ModuleTarget | TargetOperator,
     A: torch.Tensor,
     B: torch.Tensor,
     which: str,
@@ -235,10 +236,11 @@ class FedSRD(Strategy):
         w = self.weights(uploads)
         cfg = self.config
         out: dict[str, DeltaTensor] = {}
-        for module, dAs, dBs in self.module_updates(state, uploads):
-            f = state[module]
-            if cfg.server == "alternating":
-                target = module_target(f.A, f.B, dAs, dBs, w, truncate=cfg.truncate)
+        if cfg.server == "alternating":
+            # The uploads' entries as they are: the sparse server math never densifies them.
+            for module, eAs, eBs in self.module_entries(state, uploads):
+                f = state[module]
+                target = sparse_module_target(f.A, f.B, eAs, eBs, w, truncate=cfg.truncate)
                 which = update_parity(ctx.round)
                 name = module + (A_SUFFIX if which == "A" else B_SUFFIX)
                 if cfg.download_values == "fit":
@@ -265,7 +267,9 @@ class FedSRD(Strategy):
                     value_dtype=ctx.value_dtype,
                     scale=cfg.server_lr,
                 )
-                continue
+            return out
+        for module, dAs, dBs in self.module_updates(state, uploads):
+            f = state[module]
             if cfg.server == "svd":
                 A_new, B_new = truncated_factors(f.A, f.B, dAs, dBs, w)
                 dA, dB = A_new - f.A, B_new - f.B
