@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import openapi
+from api import docs, openapi
 from api.errors import ApiError, InvalidInput
 from api.gate import RequestGate
 from api.metrics import LATENCY, REQUESTS
@@ -155,6 +155,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         version="0.1.0",
         description="Control plane of communication-efficient federated LoRA fine-tuning.",
         lifespan=lifespan,
+        docs_url=None,  # api.docs serves /docs with local assets (FastAPI's uses a CDN)
+        redoc_url=None,
     )
     app.state.runtime = rt
     app.state.watcher = RunWatcher(
@@ -229,6 +231,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(agent.router)
     pages.install(app)
     openapi.install(app)
+    docs.install(app)
     return app
 
 

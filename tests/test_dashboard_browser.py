@@ -397,3 +397,18 @@ def test_compare_runs_from_the_runs_list(tab: Tab, stack: System) -> None:
     assert ends[f"run {ids[1]} · fedsrd"] < ends[f"run {ids[0]} · fedavg (FedAvg)"]
     tab.shots("compare")
     stack.admin("POST", f"/api/v1/runs/{busy['id']}/cancel")
+
+
+def test_api_docs_render_offline_with_both_bearer_schemes(tab: Tab) -> None:
+    """/docs renders Swagger UI from the package's own copy (the tab fails on any request to
+    another host) and "Authorize" offers the admin and the client bearer tokens."""
+    page = tab.page
+    tab.goto("/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text(
+        "FedSRD federation orchestrator"
+    )
+    expect(page.locator(".opblock").first).to_be_visible()
+    page.click("button.authorize")
+    dialog = page.locator(".dialog-ux")
+    expect(dialog).to_contain_text("adminToken")
+    expect(dialog).to_contain_text("clientToken")

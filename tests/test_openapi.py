@@ -182,6 +182,22 @@ def test_a_405_names_every_method_of_the_resource(client: TestClient) -> None:
     assert r.json()["error"] == "method_not_allowed"
 
 
+def test_docs_are_served_from_the_package_not_a_cdn(client: TestClient) -> None:
+    """FastAPI's /docs loads Swagger UI from jsDelivr: blank on a site without internet."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert urls and all(not re.match(r"^(https?:)?//", u) for u in urls), urls
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs/static/{asset}" in urls
+        r = client.get(f"/docs/static/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+    assert client.get("/redoc").status_code == 404  # ReDoc exists only on a CDN
+    assert "openapi.json" in page.text
+
+
 # --------------------------------------------------------------------------------------------
 # The fuzzer: a real uvicorn (inline tasks, PostgreSQL), a launched run and a client
 # --------------------------------------------------------------------------------------------
