@@ -45,6 +45,7 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any, str, str]:
     from api.settings import Settings
 
     env = _settings_env(args)
+    _check_port_free(args.host, args.port)
     os.environ.update(env)
     settings = Settings()
     upgrade(settings.resolved_database_url)
@@ -68,6 +69,29 @@ def _start(args: argparse.Namespace) -> tuple[Any, Any, str, str]:
         else "fedsrd: admin token from FEDSRD_ADMIN_TOKEN"
     )
     return api, worker, url, token
+
+
+class PortInUseError(Exception):
+    """The address ``fedsrd up`` / ``demo`` was asked to serve on is taken."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a taken port before anything starts: otherwise the readiness check could be
+    answered by whatever holds the port, and the URLs printed would be someone else's."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise PortInUseError(f"cannot serve on {host}: {e.strerror}") from e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise PortInUseError(
+                f"{host}:{port} is not free ({e.strerror}): pick another --port"
+            ) from e
 
 
 def _serve(api: Any, worker: Any) -> int:
@@ -107,13 +131,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """Collect blob garbage once and print what was done as JSON."""
+    from api.migrate import SchemaBehindError, check_schema
     from api.runtime import make_runtime
     from api.services.storage import collect_garbage
     from api.settings import Settings
 
     os.environ.update(_settings_env(args))
-    rt = make_runtime(Settings())
+    settings = Settings()
+    if not settings.database_url and not settings.data_dir.is_dir():
+        # Never create a data directory (and an empty database) just to find nothing in it.
+        print(
+            f"fedsrd gc: no data directory at {settings.data_dir.resolve()}: pass the server's "
+            "--data-dir (or FEDSRD_DATA_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    rt = make_runtime(settings)
     try:
+        try:
+            with rt.engine.connect() as conn:
+                check_schema(conn)
+        except SchemaBehindError as e:
+            print(f"fedsrd gc: {e}", file=sys.stderr)
+            return 2
         result = collect_garbage(rt, grace_s=args.grace, dry_run=args.dry_run)
     finally:
         rt.close()
@@ -287,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": run_simulate,
         "bench-model": run_bench_model,
     }
-    return int(commands[args.command](args))
+    try:
+        return int(commands[args.command](args))
+    except PortInUseError as e:
+        print(f"fedsrd {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
