@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -172,8 +174,44 @@ def event(message: str, **fields: Any) -> None:
     log.info(message, extra={"fields": {"event": message.split(":")[0], **fields}})
 
 
+def _check_server_url(server: str) -> str:
+    """The server's base URL, or an AgentError saying at once what is wrong with it (before,
+    a wrong path or scheme was retried for the whole startup timeout)."""
+    parts = urlsplit(server)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise AgentError(f"--server {server!r} is not an http:// or https:// URL")
+    if parts.path.rstrip("/") or parts.query or parts.fragment:
+        base = f"{parts.scheme}://{parts.netloc}"
+        raise AgentError(
+            f"--server takes the server's base URL ({base}), not a path on it ({server})"
+        )
+    return server.rstrip("/")
+
+
+def _tls_mismatch(http: httpx.Client, server: str) -> str | None:
+    """One probe: a TLS handshake that fails (an https:// URL for a plain-HTTP server) or a
+    plain request a TLS server refuses is a wrong URL, not a server that is starting."""
+    try:
+        r = http.get("/healthz", timeout=10.0)
+    except httpx.TransportError as e:
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, ssl.SSLError):
+                return (
+                    f"TLS handshake with {server} failed ({cause.reason or cause}): is it http://?"
+                )
+            cause = cause.__cause__ or cause.__context__
+        return None  # refused, timed out, ...: perhaps still starting; retried as before
+    if server.startswith("http://") and r.status_code == 400 and "https" in r.text.lower():
+        return f"{server} answers plain HTTP with 400 ({r.text.strip()[:80]}): is it https://?"
+    return None
+
+
 def _connect(args: argparse.Namespace) -> tuple[AgentClient, dict[str, Any]]:
-    http = httpx.Client(base_url=args.server.rstrip("/"), timeout=60.0)
+    server = _check_server_url(args.server)
+    http = httpx.Client(base_url=server, timeout=60.0)
+    if (why := _tls_mismatch(http, server)) is not None:
+        raise AgentError(why)
     client = AgentClient(http, args.token, 0, retry_for=args.startup_timeout)
     try:
         client.whoami()  # learns the run of this token (sets client.run_id)
