@@ -198,7 +198,8 @@ class ClientPublic(BaseModel):
     name: str
     status: Literal["active", "revoked"]
     simulated: bool
-    #: idle | training | gone (no contact for client_timeout_s) | revoked
+    #: waiting (never contacted the server) | idle | training | gone (no contact for
+    #: client_timeout_s) | finished (its run completed or was cancelled) | revoked
     liveness: str
     created_at: dt.datetime
     last_seen_at: dt.datetime | None

@@ -641,3 +641,27 @@ def _round_id(api: Api, run_id: int, number: int) -> int:
         rid = s.scalar(select(Round.id).where(Round.run_id == run_id, Round.number == number))
         assert rid is not None
         return rid
+
+
+def test_liveness_waiting_until_first_contact_and_finished_after_the_run(api: Api):
+    """An enrolled client that never contacted the server is waiting, not gone; once the
+    run completes its clients are finished (a revoked one stays revoked)."""
+    created = api.create_run(rounds=1, quorum=1)
+    run_id = created["id"]
+    api.enroll(run_id, "never-seen")
+    _, token = api.enroll(run_id, "active")
+    revoked, _ = api.enroll(run_id, "revoked")
+    api.admin("POST", f"/api/v1/runs/{run_id}/clients/{revoked}/revoke")
+    agent = FakeAgent(api.agent(run_id, token), seed=0)
+
+    def liveness() -> dict[str, str]:
+        rows = api.admin("GET", f"/api/v1/runs/{run_id}/clients").json()["data"]
+        return {c["name"]: c["liveness"] for c in rows}
+
+    assert liveness() == {"never-seen": "waiting", "active": "idle", "revoked": "revoked"}
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    assert liveness()["never-seen"] == "waiting"
+    agent.play_round()
+    # quorum 1 and the round's deadline not reached: it waits for the silent client.
+    api.admin("POST", f"/api/v1/runs/{run_id}/cancel")
+    assert liveness() == {"never-seen": "finished", "active": "finished", "revoked": "revoked"}

@@ -160,14 +160,21 @@ def record_rounds_done(s: Session, client_ids: list[int]) -> None:
 
 
 def liveness(client: Client, run: Run, current: Round | None, now: dt.datetime) -> str:
-    """idle | training | gone | revoked, for dashboards and the round-closing rule."""
+    """What a client is doing, for dashboards and the API: ``revoked``; ``finished`` once its
+    run completed or was cancelled; ``waiting`` until its agent first contacts the server
+    (enrolled is not gone); ``gone`` when silent for ``client_timeout_s``; ``training``
+    while it reports steps of the open round; else ``idle``."""
     if client.status == "revoked":
         return "revoked"
+    if run.status in ("completed", "cancelled"):
+        return "finished"
     timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
     if client.simulated:
         return "idle"
     seen = client.last_seen_at
-    if seen is None or now - seen > timeout:
+    if seen is None:
+        return "waiting"
+    if now - seen > timeout:
         return "gone"
     p = client.progress
     if p and current is not None and current.status == "open" and p.get("round") == current.number:
