@@ -116,6 +116,10 @@ class RunCreate(Strict):
     #: A client silent (no poll, heartbeat or upload) this long counts as gone: a round
     #: with quorum closes without waiting for gone clients.
     client_timeout_s: float = Field(default=300.0, gt=0.0)
+    #: Round 1 counts no missing client as gone for this long (sites are still starting
+    #: agents and loading models): it closes early only when every expected client uploaded.
+    #: None: until round 1's deadline.
+    start_grace_s: float | None = Field(default=None, gt=0.0, le=30 * 86400)
     train: TrainSettings = Field(default_factory=TrainSettings)
     value_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = Field(default=0, ge=0, lt=2**63)

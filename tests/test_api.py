@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -665,3 +666,32 @@ def test_liveness_waiting_until_first_contact_and_finished_after_the_run(api: Ap
     # quorum 1 and the round's deadline not reached: it waits for the silent client.
     api.admin("POST", f"/api/v1/runs/{run_id}/cancel")
     assert liveness() == {"never-seen": "finished", "active": "finished", "revoked": "revoked"}
+
+
+@pytest.mark.parametrize("grace", [None, 3600.0, 0.2])
+def test_round_one_waits_for_every_site_through_the_start_grace(api: Api, grace: float | None):
+    """Round 1 with its quorum (1) and a site silent past client_timeout_s (loading its
+    model): not closed while the start grace (default: the round's deadline) lasts."""
+    extra = {} if grace is None else {"start_grace_s": grace}
+    created, agents = _three_clients(api, rounds=2, quorum=1, client_timeout_s=0.5, **extra)
+    run_id = created["id"]
+    api.admin("POST", f"/api/v1/runs/{run_id}/launch")
+    agents[0].play_round()
+    agents[1].play_round()
+    _age_last_seen(api, agents[2].info["client_id"], seconds=5)
+    time.sleep(0.3)
+    round_service.sweep(api.rt)
+    r1 = api.rounds(run_id)[0]
+    if grace == 0.2:  # the grace is over: the silent site is gone, quorum closes the round
+        assert r1["status"] == "closed" and "gone" in r1["metrics"]["close_reason"]
+        return
+    assert r1["status"] == "open"
+    agents[2].play_round()
+    r1 = api.rounds(run_id)[0]
+    assert r1["status"] == "closed" and r1["metrics"]["close_reason"].startswith("all expected")
+    # Round 2 has no grace: the same silence closes it on quorum.
+    agents[0].play_round()
+    agents[1].play_round()
+    _age_last_seen(api, agents[2].info["client_id"], seconds=5)
+    round_service.sweep(api.rt)
+    assert "gone" in api.rounds(run_id)[1]["metrics"]["close_reason"]

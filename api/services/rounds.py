@@ -133,11 +133,15 @@ def uploaded_clients(s: Session, rnd: Round) -> list[int]:
     return sorted(s.scalars(select(Update.client_id).where(Update.round_id == rnd.id)))
 
 
-def _is_gone(client: Client, rnd: Round, timeout: dt.timedelta, now: dt.datetime) -> bool:
+def _is_gone(
+    client: Client, rnd: Round, timeout: dt.timedelta, now: dt.datetime, grace: dt.timedelta
+) -> bool:
     if client.status == "revoked":
         return True
     if client.simulated:
         return False  # workers retry; a simulated client is never "gone"
+    if rnd.number == 1 and now - rnd.opened_at < grace:
+        return False  # the start: sites may still be loading their models
     seen = client.last_seen_at
     if seen is None:
         return now - rnd.opened_at > timeout
@@ -159,8 +163,14 @@ def maybe_close(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> bool:
         close, reason = True, "all expected clients uploaded"
     elif len(uploaded) >= quorum:
         timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
+        start_grace = run.config.get("start_grace_s")
+        grace = (
+            dt.timedelta(seconds=float(start_grace))
+            if start_grace is not None
+            else rnd.deadline_at - rnd.opened_at
+        )
         rows = s.scalars(select(Client).where(Client.id.in_(missing))).all()
-        if all(_is_gone(c, rnd, timeout, now) for c in rows):
+        if all(_is_gone(c, rnd, timeout, now, grace) for c in rows):
             close, reason = True, "quorum reached; missing clients are gone"
         elif now >= rnd.deadline_at:
             close, reason = True, "deadline passed with quorum"
