@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.errors import Conflict, Gone, NotFound, Unauthorized
 from api.models import Client, Round, Run, utcnow
 from api.runtime import Runtime
+from api.services.states import duration_of
 
 TOKEN_PREFIX = "fsc_"
 #: last_seen_at is refreshed at most this often, so 200 polling agents do not mean 200
@@ -163,7 +164,7 @@ def liveness(client: Client, run: Run, current: Round | None, now: dt.datetime) 
     """idle | training | gone | revoked, for dashboards and the round-closing rule."""
     if client.status == "revoked":
         return "revoked"
-    timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
+    timeout = duration_of(run, "client_timeout_s", 300.0)
     if client.simulated:
         return "idle"
     seen = client.last_seen_at

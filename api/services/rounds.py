@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime, Transaction
 from api.services import clients as client_service
-from api.services.states import lora_parameters
+from api.services.states import duration_of, lora_parameters
 
 #: Bytes of one value in FedAvg's dense exchange (fp32 factors, as FedIT sends them).
 FEDAVG_VALUE_BYTES = 4
@@ -84,7 +84,7 @@ def _select_clients(s: Session, run: Run, number: int) -> list[int]:
 
 
 def deadline_from(run: Run, start: dt.datetime) -> dt.datetime:
-    return start + dt.timedelta(seconds=float(run.config["round_deadline_s"]))
+    return start + duration_of(run, "round_deadline_s", 600.0)
 
 
 def open_round(tx: Transaction, rt: Runtime, run: Run, number: int) -> Round:
@@ -157,7 +157,7 @@ def maybe_close(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> bool:
     if uploaded and not missing:
         close, reason = True, "all expected clients uploaded"
     elif len(uploaded) >= quorum:
-        timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
+        timeout = duration_of(run, "client_timeout_s", 300.0)
         rows = s.scalars(select(Client).where(Client.id.in_(missing))).all()
         if all(_is_gone(c, rnd, timeout, now) for c in rows):
             close, reason = True, "quorum reached; missing clients are gone"

@@ -230,9 +230,11 @@ def rounds_of(rt: Runtime, run_id: int) -> tuple[Run, list[tuple[Round, list[int
         return run, out
 
 
-def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Client, str]:
+def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Client, str, str]:
     """Enroll a client; a run that takes every client adds it to the open round too (a late
-    joiner catches up on the global state before it trains)."""
+    joiner catches up on the global state before it trains). Returns the client, its token
+    and its liveness, the last computed before the commit: the token is shown once, so
+    nothing may fail once the row is committed."""
     with rt.transaction() as tx:
         run = round_service.lock_run(tx.session, run_id)
         if run is None:
@@ -241,7 +243,12 @@ def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Cl
         if run.status == "running" and run.config.get("clients_per_round") is None:
             round_service.add_expected(tx.session, run, client.id)
         _audit_client(tx.session, actor, "enroll_client", client)
-        return client, token
+        live = _liveness(tx.session, run, client)
+        return client, token, live
+
+
+def _liveness(s: Session, run: Run, client: Client) -> str:
+    return client_service.liveness(client, run, round_service.current_round(s, run), utcnow())
 
 
 def revoke_client(rt: Runtime, run_id: int, client_id: int, actor: Actor) -> Client:
@@ -262,14 +269,17 @@ def revoke_client(rt: Runtime, run_id: int, client_id: int, actor: Actor) -> Cli
 
 def rotate_client_token(
     rt: Runtime, run_id: int, client_id: int, actor: Actor
-) -> tuple[Client, str]:
+) -> tuple[Client, str, str]:
     """A new token for a client (say, after the old one leaked); the old one stops working on
-    its next request. The agent keeps its state: it is the same client."""
+    its next request. The agent keeps its state: it is the same client. Returns the client,
+    its new token and its liveness (computed before the commit, as in enroll_client)."""
     with rt.transaction() as tx:
         client = client_service.get(tx.session, run_id, client_id)
         token = client_service.rotate_token(tx.session, client)
         _audit_client(tx.session, actor, "new_client_token", client)
-        return client, token
+        run = tx.session.get(Run, run_id)
+        assert run is not None  # the client belongs to it
+        return client, token, _liveness(tx.session, run, client)
 
 
 def _audit_client(s: Session, actor: Actor, action: str, client: Client) -> None:
