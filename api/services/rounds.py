@@ -16,12 +16,14 @@ import random
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime, Transaction
 from api.services import clients as client_service
 from api.services.states import duration_of, lora_parameters
+from fedsrd_core.finite import json_finite
 
 #: Bytes of one value in FedAvg's dense exchange (fp32 factors, as FedIT sends them).
 FEDAVG_VALUE_BYTES = 4
@@ -241,7 +243,8 @@ def complete_aggregation(
         for old in prunable_snapshots(s, run.id, rnd.number, keep):
             old.snapshot_blob = None
         turnaround = None
-        rnd.metrics = {**rnd.metrics, **metrics}
+        # JSON columns: PostgreSQL refuses NaN (DataError), SQLite would keep it.
+        rnd.metrics = {**rnd.metrics, **json_finite(metrics)}
         traffic = round_traffic(
             lora_parameters(run), len(participants), int(metrics["bytes_up"]), delta[1]
         )
@@ -286,6 +289,22 @@ def prunable_snapshots(s: Session, run_id: int, newest: int, keep: int) -> list[
     )
 
 
+#: Longest exception text a run's ``status_reason`` (shown on the dashboard) quotes.
+_REASON_CHARS = 300
+
+
+def failure_reason(error: BaseException) -> str:
+    """What a run's ``status_reason`` says about ``error``: a short line for an admin. A
+    database error's text holds the whole SQL statement and its parameters, so it is named
+    by its class only; the full text goes to the log (the caller logs the traceback)."""
+    if isinstance(error, SQLAlchemyError):
+        orig = getattr(error, "orig", None)
+        kind = type(orig).__name__ if orig is not None else type(error).__name__
+        return f"database error ({kind}); details in the worker's log"
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
 def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:
     """An aggregation that cannot succeed (bad stored state): the run fails, resumable."""
     with rt.transaction() as tx:
@@ -307,7 +326,7 @@ def record_evaluation(rt: Runtime, run_id: int, number: int, metrics: dict[str, 
         )
         if rnd is None:
             return
-        rnd.metrics = {**rnd.metrics, "eval": metrics}
+        rnd.metrics = {**rnd.metrics, "eval": json_finite(metrics)}
 
 
 def sweep(rt: Runtime) -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fedsrd_core.snapshot import snapshot_pieces
 from fedsrd_core.state import init_state, state_digest
 
 TINY = "tiny"
+log = logging.getLogger(__name__)
 
 
 def resolve_model(rt: Runtime, name: str) -> str:
@@ -47,6 +49,19 @@ def _fingerprint(path: str) -> str:
     return _FINGERPRINTS[key]
 
 
+def _unloadable(model: str, error: Exception) -> InvalidInput:
+    """The 422 for a model the server cannot load: it names the model and what is wrong with
+    it, never where the server looked (its cache directory, a resolved snapshot path, the
+    paths in a library's error); those go to the server's log."""
+    log.info("model %r does not load: %s", model, error)
+    reason = (
+        error.reason
+        if isinstance(error, ModelLoadError)
+        else "it is not a usable model directory or hub id"
+    )
+    return InvalidInput({"field": "model", "message": f"cannot load model {model!r}: {reason}"})
+
+
 def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
     """Validate the model against the LoRA settings and store the run (status ``created``).
 
@@ -59,13 +74,13 @@ def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
             path, rank=body.lora.rank, target_modules=body.lora.target_modules
         )
     except (ModelLoadError, OSError) as e:  # OSError: e.g. a name too long for a path
-        raise InvalidInput({"field": "model", "message": f"cannot load {body.model!r}: {e}"}) from e
+        raise _unloadable(body.model, e) from e
     except ValueError as e:
         raise InvalidInput({"field": "lora.target_modules", "message": str(e)}) from e
     try:
         fingerprint = _fingerprint(path)
     except (ModelLoadError, OSError) as e:
-        raise InvalidInput({"field": "model", "message": f"cannot load {body.model!r}: {e}"}) from e
+        raise _unloadable(body.model, e) from e
     if body.model_fingerprint is not None and body.model_fingerprint != fingerprint:
         raise InvalidInput(
             {
