@@ -1,7 +1,11 @@
 """``fedsrd-agent``: take part in a federation from a client site.
 
-    fedsrd-agent --server URL --token TOKEN --data PATH [--model PATH_OR_ID]
+    fedsrd-agent --server URL --token-file FILE --data PATH [--model PATH_OR_ID]
                  [--state-dir DIR] [--device cuda|cpu]
+
+The token: ``--token-file`` (a file only the site's user can read) or the environment
+(``FEDSRD_AGENT_TOKEN``); ``--token TOKEN`` works too, but any user of the machine sees a
+command line (``ps``).
 
 Every option can also come from the environment (``FEDSRD_AGENT_SERVER``, ...) or a config
 file (``--config agent.toml`` or ``.json``, keys named like the options); flags win over the
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import tomllib
 import warnings
@@ -50,7 +55,8 @@ class AgentError(Exception):
 
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("server", {"help": "the control plane's URL, e.g. https://fedsrd.example.org"}),
-    ("token", {"help": "this site's client token (given once at enrollment)"}),
+    ("token", {"help": "this site's client token (visible in `ps`: prefer --token-file)"}),
+    ("token-file", {"help": "file holding the client token (given once at enrollment)"}),
     ("data", {"help": "local training data: JSONL (instruction/input/output) or plain text"}),
     ("model", {"help": "base model: local directory or cached hub id (default: the run's)"}),
     ("state-dir", {"default": "fedsrd-agent-state", "help": "where the agent keeps its state"}),
@@ -97,14 +103,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         defaults["log_json"] = True
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.token_file:
+        if args.token:
+            raise AgentError("give the token once: --token or --token-file, not both")
+        args.token = _read_token(Path(args.token_file))
     for required in ("server", "token", "data"):
         if not getattr(args, required):
+            alt = " or --token-file" if required == "token" else ""
             raise AgentError(
-                f"--{required} is required (or {ENV_PREFIX}{required.upper()}, or the config file)"
+                f"--{required}{alt} is required "
+                f"(or {ENV_PREFIX}{required.upper()}, or the config file)"
             )
     args.poll_wait = float(args.poll_wait)
     args.startup_timeout = float(args.startup_timeout)
     return args
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AgentError(f"cannot read the token file {path}: {e}") from e
+    if not token or any(c.isspace() for c in token):
+        raise AgentError(f"the token file {path} must hold the token alone, on one line")
+    return token
 
 
 class _JsonFormatter(logging.Formatter):
@@ -116,12 +138,33 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(json_finite(doc))
 
 
+class _TextFormatter(logging.Formatter):
+    """``HH:MM:SS message key=value ...``: the same fields as the JSON lines carry."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = {
+            k: v for k, v in getattr(record, "fields", {}).items() if k != "event" and v is not None
+        }
+        return " ".join([line, *(f"{k}={_text_value(v)}" for k, v in fields.items())])
+
+
+def _text_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    text = str(v)
+    return json.dumps(text) if not text or any(c.isspace() for c in text) else text
+
+
 def setup_logging(json_lines: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_TextFormatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -222,6 +265,33 @@ class _Progress:
             self.bar.close()
 
 
+class _WaitLog:
+    """Says that the agent is waiting (for a launch, for the next round) when that starts or
+    its reason changes, then once every ``every`` seconds: never silent for minutes, never a
+    line per poll."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self.key: tuple[Any, ...] | None = None
+        self.last = 0.0
+
+    def __call__(self, answer: dict[str, Any]) -> None:
+        key = (answer.get("run_status"), answer.get("reason"), answer.get("round"))
+        now = time.monotonic()
+        if key != self.key or now - self.last >= self.every:
+            status = answer.get("run_status")
+            event(
+                "waiting for the run to be launched" if status == "created" else "waiting",
+                run_status=status,
+                round=answer.get("round"),
+                reason=answer.get("reason"),
+            )
+            self.key, self.last = key, now
+
+    def reset(self) -> None:
+        self.key = None
+
+
 def _on_step(progress: _Progress, per_step: int, step: int, loss: float) -> None:
     progress(step, loss, step * per_step)
 
@@ -229,7 +299,17 @@ def _on_step(progress: _Progress, per_step: int, step: int, loss: float) -> None
 def run_agent(args: argparse.Namespace) -> int:
     client, info = _connect(args)
     examples = _load_data(args.data)
-    model, tokenizer = _load_model(args, info)
+    # Building or loading a model can take minutes: say so when it takes more than a few
+    # seconds (a model that fails at once still ends in its one error line).
+    notice = threading.Timer(
+        5.0, event, ("loading model",), {"model": args.model or info["base_model"]}
+    )
+    notice.daemon = True
+    notice.start()
+    try:
+        model, tokenizer = _load_model(args, info)
+    finally:
+        notice.cancel()
     # The first line an agent prints: every setup check has passed by now.
     event(
         "connected",
@@ -270,9 +350,14 @@ def run_agent(args: argparse.Namespace) -> int:
         save(False)
 
     bar = sys.stderr.isatty() and not args.log_json
+    waiting = _WaitLog()
     while True:
         answer = client.poll(part.have_round if part.state is not None else None, args.poll_wait)
         action = answer["action"]
+        if action == "wait":
+            waiting(answer)
+            continue
+        waiting.reset()
         if action == "done":
             plan = client.sync(part.have_round if part.state is not None else None)
             if plan["snapshot"] is not None or plan["deltas"]:

@@ -1,8 +1,9 @@
 """The agent's HTTP client: one method per agent endpoint, retries for transient failures.
 
-Network errors, timeouts and 5xx answers are retried with jittered exponential backoff
-(a restarting server is waited for); 4xx answers raise :class:`ServerError` at once with the
-server's message, because repeating a refused request cannot succeed. A blob download cut
+Network errors, timeouts, 5xx, 408 and 429 answers are retried with jittered exponential
+backoff, never sooner than a ``Retry-After`` asks (a restarting or busy server is waited
+for); other 4xx answers raise :class:`ServerError` at once with the server's message,
+because repeating a refused request cannot succeed. A blob download cut
 off midway resumes where it stopped (``Range`` from the bytes already received, ``If-Range``
 on the blob's ETag) instead of starting over: a snapshot is hundreds of MiB, and a site's
 network may drop a connection more often than it can carry one that long.
@@ -43,9 +44,14 @@ class _RetryableAnswerError(Exception):
     request for a range that does not continue the transfer."""
 
 
+#: 4xx answers that say "not now" rather than "never": the body arrived too slowly (408),
+#: or the server takes no more uploads from this client at the moment (429).
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
 def _raise_refusal(r: httpx.Response) -> None:
     """Raise the server's refusal (a 4xx answer, already read) as :class:`ServerError`."""
-    if not 400 <= r.status_code < 500:
+    if not 400 <= r.status_code < 500 or r.status_code in _RETRYABLE_4XX:
         return
     try:
         body = r.json()
@@ -64,6 +70,12 @@ def _resumes_at(r: httpx.Response, offset: int) -> bool:
     return unit == "bytes" and first.isdigit() and int(first) == offset
 
 
+def _retry_after(r: httpx.Response) -> float:
+    """The answer's ``Retry-After`` in seconds (0 if absent or a date), at most a minute."""
+    value = r.headers.get("retry-after", "")
+    return min(float(value), 60.0) if value.isdigit() else 0.0
+
+
 def _blob_size(r: httpx.Response) -> int | None:
     """The whole blob's size from a 200's ``Content-Length`` or a 206's ``Content-Range``."""
     value = (
@@ -72,6 +84,12 @@ def _blob_size(r: httpx.Response) -> int | None:
         else (r.headers.get("content-range", "").rpartition("/")[2])
     )
     return int(value) if value and value.isdigit() else None
+
+
+def _size_mismatch(sha256: str, size: int, what: str) -> ServerError:
+    return ServerError(
+        0, "size_mismatch", f"blob {sha256}: the sync plan announced {size} bytes, {what}"
+    )
 
 
 class AgentClient:
@@ -123,6 +141,7 @@ class AgentClient:
         start = time.monotonic()
         attempt = 0
         while True:
+            at_least = 0.0
             try:
                 r = self.http.request(method, self._url(path), headers=headers, **kwargs)
             except httpx.TransportError as e:
@@ -132,16 +151,20 @@ class AgentClient:
                     return r
                 _raise_refusal(r)
                 failure = f"HTTP {r.status_code}"
-            self._back_off(start, attempt, f"{method} {path}", failure)
+                at_least = _retry_after(r)
+            self._back_off(start, attempt, f"{method} {path}", failure, at_least)
             attempt += 1
 
-    def _back_off(self, start: float, attempt: int, what: str, failure: str) -> None:
-        """Sleep before retry ``attempt + 1``, or give up once ``retry_for`` has passed."""
+    def _back_off(
+        self, start: float, attempt: int, what: str, failure: str, at_least: float = 0.0
+    ) -> None:
+        """Sleep before retry ``attempt + 1`` (``at_least`` seconds: the server's
+        ``Retry-After``), or give up once ``retry_for`` has passed."""
         if self.retry_for is not None and time.monotonic() - start >= self.retry_for:
             raise RetryBudgetExceededError(f"{what}: still failing ({failure})")
         # Full jitter: agents that lost the server together do not return together.
         cap = min(self.max_delay, self.base_delay * 2**attempt)
-        self._sleep(self._rng.uniform(cap / 2, cap))
+        self._sleep(max(at_least, self._rng.uniform(cap / 2, cap)))
 
     def run_info(self) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", "").json()
@@ -162,9 +185,14 @@ class AgentClient:
         result: dict[str, Any] = self._request("GET", "/sync", params=params).json()
         return result
 
-    def download(self, sha256: str) -> bytearray:
+    def download(self, sha256: str, size: int | None = None) -> bytearray:
         """The blob ``sha256``, checked against its name (in the buffer it was received into:
         a snapshot is hundreds of MiB, and a copy would double the peak).
+
+        ``size``: the blob's size as the sync plan announced it. An answer that announces a
+        different size, or sends a byte more, is refused at once (:class:`ServerError`,
+        ``size_mismatch``) and what arrived is dropped: a server (or something in between)
+        must not make the agent hold more memory than the plan said.
 
         A transfer that fails midway (a dropped connection, a timeout, a 5xx) is retried
         like any request, but asks only for the rest: ``Range: bytes=<received>-`` with
@@ -178,7 +206,7 @@ class AgentClient:
         received = bytearray()
         etag: str | None = None
         whole_answers = 0
-        size: int | None = None  # the blob's, from the last answer's headers
+        total: int | None = None  # the blob's size, from the last answer's headers
         start = time.monotonic()
         attempt = 0
         while True:
@@ -203,13 +231,18 @@ class AgentClient:
                         etag = None
                         raise _RetryableAnswerError(f"HTTP {r.status_code} to a range request")
                     etag = r.headers.get("etag") or etag
-                    size = _blob_size(r)
+                    total = _blob_size(r)
+                    if size is not None and total is not None and total != size:
+                        raise _size_mismatch(sha256, size, f"the server announces {total}")
                     for chunk in r.iter_bytes():
+                        if size is not None and len(received) + len(chunk) > size:
+                            received.clear()
+                            raise _size_mismatch(sha256, size, "more arrived")
                         received += chunk
             except (httpx.TransportError, _RetryableAnswerError) as e:
                 failure = f"{type(e).__name__}: {e} after {len(received)} bytes"
                 # Cut off just as it ended: nothing is missing (hashed only then).
-                if len(received) == size and hashlib.sha256(received).hexdigest() == sha256:
+                if len(received) == total and hashlib.sha256(received).hexdigest() == sha256:
                     return received
             else:
                 got = hashlib.sha256(received).hexdigest()

@@ -59,9 +59,9 @@ def apply_plan(
     lead to its digest or a delta does not follow the state; the state is then unusable.
     """
 
-    def download(sha256: str, what: str) -> bytearray:
+    def download(sha256: str, size: int, what: str) -> bytearray:
         try:
-            return client.download(sha256)
+            return client.download(sha256, size)
         except ServerError as e:
             if e.status != 404:
                 raise
@@ -72,7 +72,9 @@ def apply_plan(
     snap = plan.get("snapshot")
     if snap is not None:
         state = decode_snapshot(
-            download(snap["sha256"], f"snapshot of round {snap['round']}"), layout, rank
+            download(snap["sha256"], int(snap["size"]), f"snapshot of round {snap['round']}"),
+            layout,
+            rank,
         )
         if state_digest(state) != snap["digest"]:
             raise DigestMismatchError(f"snapshot of round {snap['round']}")
@@ -82,7 +84,7 @@ def apply_plan(
     for d in plan.get("deltas", []):
         if state is None or int(d["round"]) != have_round + 1:
             raise DigestMismatchError(f"delta of round {d['round']} does not follow our state")
-        blob = download(d["sha256"], f"delta of round {d['round']}")
+        blob = download(d["sha256"], int(d["size"]), f"delta of round {d['round']}")
         strategy.apply_global(state, decode_global_delta(blob, layout, rank))
         have_round = int(d["round"])
         if state_digest(state) != d["digest"]:

@@ -5,6 +5,7 @@ its digest, and an upload the server has not acknowledged yet; ``state.blob`` is
 state as a snapshot blob; ``pending.blob`` is the unacknowledged upload. Every file is
 written to a temporary name, fsynced and renamed, and ``state.json`` (which points at the
 others) is written last, so a kill at any moment leaves either the old state or the new.
+Every file is 0600, and the directory 0700 when the agent creates it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from fedsrd_core.state import GlobalState, state_digest
 
 
 def _atomic_write(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
-    """Replace ``path`` with ``pieces`` (written in order), durably."""
+    """Replace ``path`` with ``pieces`` (written in order), durably, as a file only its
+    owner can read (the global state and the pending update are the site's training
+    results: an update can leak training data)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a killed agent's leftover, perhaps of another mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as f:
         for piece in pieces:
             f.write(piece)
         f.flush()
@@ -61,7 +66,9 @@ class AgentState:
 class StateDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # 0700 when the agent makes it; one that exists keeps its mode (it may be a
+        # directory the operator chose, shared with other things), its files are 0600.
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @property
     def _json(self) -> Path:

@@ -11,10 +11,14 @@ server may always ignore ``Range``).
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Message, Receive, Scope, Send
 
 from api.blobstore import BlobStore
 
@@ -96,3 +100,37 @@ def blob_response(
         media_type=media,
         headers=out,
     )
+
+
+class CountedResponse(Response):
+    """``inner`` sent as it is, then ``on_sent(n)`` (in the thread pool) with the body bytes
+    ``n`` it sent: a range answer's bytes, not the blob's size (five one-byte ranges counted
+    five blobs before), and a transfer cut off midway only as far as it went."""
+
+    def __init__(self, inner: Response, on_sent: Callable[[int], None]) -> None:
+        # Not Response.__init__: nothing of its own to render; FastAPI reads these.
+        self.inner = inner
+        self.on_sent = on_sent
+        self.status_code = inner.status_code
+        self.raw_headers = inner.raw_headers
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+
+        async def counting(message: Message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.pathsend":  # a whole file, zero-copy
+                sent += os.path.getsize(message["path"])
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, counting)
+        finally:
+            if sent:
+                # Shielded: a client gone mid-transfer cancels the send, not the count.
+                await asyncio.shield(run_in_threadpool(self.on_sent, sent))
+        if self.background is not None:
+            await self.background()

@@ -178,29 +178,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"FedAvg's dense exchange would have moved "
             f"{run['fedavg_equivalent_bytes'] / 2**20:.2f} MiB"
         )
-        summary = {
-            "run": run_id,
-            "status": run["status"],
-            "base_eval_loss": base,
-            "bytes_up": run["bytes_up"],
-            "bytes_down": run["bytes_down"],
-            "fedavg_equivalent_bytes": run["fedavg_equivalent_bytes"],
-            "rounds": [
-                {
-                    "round": r["number"],
-                    "bytes_up_mean": r["metrics"].get("bytes_up_mean"),
-                    "bytes_down": r["metrics"].get("bytes_down"),
-                    "train_loss": r["metrics"].get("train_loss"),
-                    "eval_loss": {
-                        k: v.get("loss") for k, v in r["metrics"].get("eval", {}).items()
-                    },
-                    "turnaround_s": r["metrics"].get("turnaround_s"),
-                    "digest": r["digest"],
-                }
-                for r in rounds["data"]
-            ],
-        }
-        print(json.dumps(summary))
         if args.keep:
             print(f"fedsrd demo: still serving on {url}; Ctrl-C stops")
             return _serve(api, worker)
@@ -235,19 +212,40 @@ def _base_model_eval(config: dict[str, Any]) -> dict[str, float]:
 def _print_rounds(
     run: dict[str, Any], rounds: list[dict[str, Any]], base: dict[str, float]
 ) -> None:
+    """The run's rounds as a table: traffic, losses (mean and per evaluated domain), how long
+    each round took, and the state digest every client checks after applying the round."""
     print(f"run {run['id']} ({run['strategy']}): {run['status']}")
-    print(f"{'round':>5} {'KiB up/client':>14} {'KiB down':>9} {'train loss':>10} {'eval loss':>9}")
+    domains = list(base) or sorted({d for r in rounds for d in r["metrics"].get("eval", {})})
+    head = ["round", "KiB up/client", "KiB down", "train loss", "eval loss"]
+    head += [f"{d} loss" for d in domains] + ["seconds", "state digest"]
+    rows: list[list[str]] = []
+
+    def mean(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.3f}" if values else "-"
+
     if base:
-        mean = sum(base.values()) / len(base)
-        print(f"{'base':>5} {'':>14} {'':>9} {'':>10} {mean:>9.3f}")
+        rows.append(["base", "", "", "", mean(list(base.values()))])
+        rows[-1] += [f"{base[d]:.3f}" if d in base else "-" for d in domains] + ["", ""]
     for r in rounds:
         m = r["metrics"]
-        ev = [v["loss"] for v in m.get("eval", {}).values() if "loss" in v]
-        print(
-            f"{r['number']:>5} {m.get('bytes_up_mean', 0) / 1024:>14.1f} "
-            f"{m.get('bytes_down', 0) / 1024:>9.1f} {m.get('train_loss') or 0:>10.3f} "
-            f"{(sum(ev) / len(ev)) if ev else float('nan'):>9.3f}"
-        )
+        ev = {k: v["loss"] for k, v in m.get("eval", {}).items() if "loss" in v}
+        train = m.get("train_loss")
+        turnaround = m.get("turnaround_s")
+        row = [
+            str(r["number"]),
+            f"{m.get('bytes_up_mean', 0) / 1024:.1f}",
+            f"{m.get('bytes_down', 0) / 1024:.1f}",
+            f"{train:.3f}" if train is not None else "-",
+            mean(list(ev.values())),
+        ]
+        row += [f"{ev[d]:.3f}" if d in ev else "-" for d in domains]
+        row += [f"{turnaround:.1f}" if turnaround is not None else "-", r["digest"] or "-"]
+        rows.append(row)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    for line in (head, *rows):
+        # Numbers right-aligned, the digest (last) left-aligned so it reads as one token.
+        cells = [c.rjust(w) for c, w in zip(line[:-1], widths, strict=False)]
+        print("  ".join([*cells, line[-1]]).rstrip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

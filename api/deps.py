@@ -9,6 +9,7 @@ from fastapi import Depends, Path, Request
 
 from api import auth
 from api.errors import Forbidden, Unauthorized
+from api.gate import ADMIN_KEY, AGENT_KEY
 from api.runtime import Runtime
 from api.schemas import MAX_INT
 from api.services import sessions
@@ -58,6 +59,9 @@ def require_admin(request: Request, rt: RuntimeDep) -> auth.Actor:
     """The admin token as a bearer token, or a dashboard session cookie (which must bring
     its CSRF token in ``X-CSRF-Token`` on requests that change state); returns who it is,
     for the audit trail."""
+    known = request.scope.get(ADMIN_KEY)
+    if isinstance(known, auth.Actor):  # api.gate checked this request before its body
+        return known
     admin_token = rt.settings.resolved_admin_token
     token = bearer(request)
     if token is None:
@@ -84,6 +88,9 @@ AdminActor = Annotated[auth.Actor, Depends(require_admin)]
 def current_agent(
     request: Request, rt: RuntimeDep, run_id: Annotated[int, Path(ge=1, le=MAX_INT)]
 ) -> AgentIdentity:
+    known = request.scope.get(AGENT_KEY)
+    if isinstance(known, AgentIdentity) and known.run_id == run_id:
+        return known  # api.gate checked this request before its body
     return authenticate(rt, bearer(request), run_id)
 
 

@@ -51,6 +51,13 @@ class Gone(ApiError):
     code = "gone"
 
 
+class RequestTimeout(ApiError):
+    """The client stopped sending its request's body (``FEDSRD_BODY_TIMEOUT_S``)."""
+
+    status = 408
+    code = "timeout"
+
+
 class TooLarge(ApiError):
     status = 413
     code = "too_large"
@@ -59,6 +66,13 @@ class TooLarge(ApiError):
 class InvalidInput(ApiError):
     status = 422
     code = "invalid"
+
+
+class TooManyRequests(ApiError):
+    """The caller already has as many requests of this kind in progress as it may."""
+
+    status = 429
+    code = "too_many_requests"
 
 
 class Unavailable(ApiError):

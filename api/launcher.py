@@ -91,6 +91,8 @@ def api_service(
         # Longer than clients' keep-alive (httpx: 5 s), so the server never closes a
         # connection a client is about to reuse.
         "--timeout-keep-alive", "75",
+        # uvicorn's protocol with a time limit on request headers (FEDSRD_HEADER_TIMEOUT_S).
+        "--http", "api.protocol:HttpToolsProtocol",
     ]  # fmt: skip
     return Service("api", argv, service_env(env), log_dir / "api.log")
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -23,7 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ApiError
+from api import openapi
+from api.errors import ApiError, InvalidInput
+from api.gate import RequestGate
 from api.metrics import LATENCY, REQUESTS
 from api.migrate import check_schema
 from api.routes import agent, audit, health, runs, sessions
@@ -41,6 +44,13 @@ def _error(
     status: int, code: str, detail: Any, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+#: Why FastAPI could not read a JSON body, by the exception it caught.
+_UNPARSABLE: dict[type[BaseException], str] = {
+    UnicodeDecodeError: "it is not UTF-8",
+    RecursionError: "it is nested too deeply",
+}
 
 
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -156,7 +166,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         if pages.wants_html(request):
             return await run_in_threadpool(pages.error_page, request, exc.status, str(exc.detail))
-        return _error(exc.status, exc.code, exc.detail, exc.headers)
+        detail = exc.detail
+        if isinstance(exc, InvalidInput) and isinstance(detail, dict):
+            # A service's verdict on one body field: the same list as a validation error's.
+            detail = [{"field": detail["field"], "in": "body", "message": detail["message"]}]
+        return _error(exc.status, exc.code, detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -172,8 +186,19 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         if pages.wants_html(request):
             message = "no such page" if exc.status_code == 404 else str(exc.detail)
             return await run_in_threadpool(pages.error_page, request, exc.status_code, message)
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a body it could not parse (not UTF-8, nested too deep):
+            # malformed JSON like any other, so the same 422 naming the body.
+            why = _UNPARSABLE.get(type(exc.__cause__), "it could not be parsed")
+            message = f"the body is not valid JSON: {why}"
+            return _error(422, "invalid", [{"field": "", "in": "body", "message": message}])
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            named = {m.strip() for m in (headers or {}).get("Allow", "").split(",") if m.strip()}
+            allow = named | openapi.allowed_methods(app, request.url.path)
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allow))}
+        return _error(exc.status_code, code, exc.detail, headers)
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
@@ -189,6 +214,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal error (logged on the server)")
 
+    # Uploads' writing threads come from a limiter of their own (api.streaming.pump), as
+    # many as the uploads the gate admits at once: never the shared pool's tokens.
+    app.state.upload_threads = anyio.CapacityLimiter(rt.settings.max_uploads)
+    # Added first, so inside _Observe: its refusals are counted too.
+    app.add_middleware(RequestGate, runtime=rt)
     app.add_middleware(_Observe)
 
     app.include_router(health.router)
@@ -198,6 +228,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(agent.me_router)
     app.include_router(agent.router)
     pages.install(app)
+    openapi.install(app)
     return app
 
 

@@ -196,6 +196,8 @@ class RunPublic(BaseModel):
     bytes_down: int
     fedavg_equivalent_bytes: int
     bytes_saved: int
+    #: Mean eval loss over the held-out sets after the last evaluated round (None without).
+    final_eval_loss: float | None = None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
@@ -371,7 +373,35 @@ class UpdateAccepted(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx/5xx answer: a stable machine code and a message naming the problem."""
+    """Every 4xx/5xx answer but a 422: a stable machine code and a message naming the
+    problem (``api.main`` builds them; ``api.openapi`` documents them)."""
 
-    error: str
-    detail: Any
+    error: str = Field(
+        description="the error's code (api.errors), e.g. unauthorized, forbidden, not_found, "
+        "method_not_allowed, conflict, gone, too_large, unavailable"
+    )
+    detail: str
+
+
+class FieldError(BaseModel):
+    """One bad field of a request."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    field: str = Field(description="dotted path of the field, e.g. ``train.lr``")
+    in_: str = Field(alias="in", description="body, query, path, header or cookie")
+    message: str
+
+
+class ValidationErrorBody(BaseModel):
+    """A 422: each bad field of the request, or (an upload's body) what is wrong with it."""
+
+    error: Literal["invalid"]
+    detail: list[FieldError] | str
+
+
+class Readiness(BaseModel):
+    """``/readyz``: ``ok`` or ``unavailable``, and each dependency's state."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]

@@ -8,6 +8,7 @@ points ``database_url`` at PostgreSQL and ``broker_url`` at Redis.
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -83,6 +84,22 @@ class Settings(BaseSettings):
     #: Lifetime of a dashboard sign-in (seconds). Sessions are signed with a key derived
     #: from the admin token: changing the token signs every browser out.
     session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    #: Longest a connection may take to send a request's headers (seconds), counted from
+    #: the connection's start or the request's first byte: a client that stops halfway is
+    #: disconnected (uvicorn itself waits for ever). Needs the project's HTTP protocol
+    #: (``uvicorn --http api.protocol:HttpToolsProtocol``, as ``fedsrd up`` and compose run).
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    #: Longest wait for the next bytes of a request body (seconds): a body that stalls this
+    #: long is refused (408) and a stalled upload's temporary file removed.
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    #: Largest body of any request but an update upload (bytes; 413 past it). Uploads have
+    #: their run's own cap.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    #: Update uploads one API process takes at once, over all clients (503 with
+    #: ``Retry-After`` past it) and per client (429): a stalled body holds one of these
+    #: until ``body_timeout_s``, never a thread that polls and health checks need.
+    max_uploads: int = Field(default=16, ge=1, le=1024)
+    max_uploads_per_client: int = Field(default=2, ge=1, le=64)
 
     @model_validator(mode="after")
     def _keep_a_snapshot(self) -> Settings:
@@ -115,8 +132,12 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(24)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(token + "\n")
-        tmp.chmod(0o600)
+        tmp.unlink(missing_ok=True)  # a crashed start's leftover: O_EXCL must create anew
+        # Created 0600 (O_EXCL: never a file someone else made): the token is never readable
+        # by others, not even between a write and a chmod.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
         tmp.replace(path)
         return path.read_text().strip()
 

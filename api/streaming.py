@@ -21,6 +21,8 @@ import asyncio
 import queue
 from collections.abc import AsyncIterator, Callable
 
+import anyio
+import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import TooLarge
@@ -42,6 +44,7 @@ async def pump(
     *,
     max_bytes: int,
     too_large: str,
+    limiter: anyio.CapacityLimiter | None = None,
 ) -> int:
     """Feed ``body`` to ``write`` in order, from one thread-pool thread, in buffers of
     :data:`BATCH` bytes (the last may be shorter); return the bytes received.
@@ -52,6 +55,11 @@ async def pump(
     loop next hands over a buffer or at the end; no further buffer is passed to ``write``
     after it. Whatever happens, ``write`` is no longer running when this returns or raises,
     so the caller may discard what it was writing to.
+
+    The thread is held for as long as the body takes to arrive, so it comes from
+    ``limiter`` when one is given (uploads: a limiter of their own, so that bodies that
+    arrive slowly, or stall until their timeout, never take the thread-pool tokens that
+    polls and health checks need); otherwise from the shared pool.
     """
     loop = asyncio.get_running_loop()
     work: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
@@ -69,7 +77,11 @@ async def pump(
             finally:
                 loop.call_soon_threadsafe(free.put_nowait, buf)
 
-    consumer = asyncio.ensure_future(run_in_threadpool(consume))
+    consumer = asyncio.ensure_future(
+        run_in_threadpool(consume)
+        if limiter is None
+        else anyio.to_thread.run_sync(consume, limiter=limiter)
+    )
     buffers = 1
     buf = bytearray(BATCH)
     filled = 0

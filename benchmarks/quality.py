@@ -95,6 +95,9 @@ class Job:
     seq_len: int
     diagnose: bool = False
     tags: dict[str, Any] = field(default_factory=dict)
+    #: The strategy's whole resolved configuration (defaults included), so that a changed
+    #: default gives a new cache key instead of silently reusing a run of the old one.
+    config: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
         material = {k: v for k, v in self.__dict__.items() if k not in ("label", "tags")}
@@ -193,6 +196,25 @@ def aggregate(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def reuse_runs(records: Sequence[str], runs_dir: Path) -> int:
+    """Seed the run cache from committed ``record.json`` files: a run is reused only when its
+    job (model, protocol, seed, learning rate and the strategy's whole resolved config) has
+    the same key as a job of this invocation; runs recorded without a resolved config are
+    skipped. Returns how many runs were added."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    added = 0
+    for record in records:
+        data = json.loads(Path(record).read_text())
+        for run in [*data.get("runs", []), *data.get("sweep_runs", [])]:
+            if not run.get("job", {}).get("config"):
+                continue
+            path = runs_dir / f"{Job(**run['job']).key()}.json"
+            if not path.exists():
+                path.write_text(json.dumps(run))
+                added += 1
+    return added
+
+
 def _pool_map(jobs: list[Job], args: argparse.Namespace) -> list[dict[str, Any]]:
     runs_dir = Path(args.out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +240,8 @@ def _pool_map(jobs: list[Job], args: argparse.Namespace) -> list[dict[str, Any]]
 
 def _job(args: argparse.Namespace, label: str, rank: int, lr: float, seed: int, **kw: Any) -> Job:
     strategy, overrides = STRATEGIES[label] if label in STRATEGIES else kw.pop("spec")
+    from fedsrd_core.strategies import get_strategy
+
     return Job(
         label=label,
         strategy=strategy,
@@ -232,6 +256,7 @@ def _job(args: argparse.Namespace, label: str, rank: int, lr: float, seed: int, 
         seq_len=args.seq_len,
         diagnose=kw.pop("diagnose", args.diagnose and strategy.startswith("fedsrd")),
         tags=kw,
+        config=get_strategy(strategy, dict(overrides)).config.to_dict(),
     )
 
 
@@ -246,11 +271,13 @@ def main_protocol(args: argparse.Namespace) -> dict[str, Any]:
     # 1. The sweep (seed 0).
     best_lr: dict[tuple[str, int], float] = {}
     sweep_record: dict[str, dict[str, float]] = {}
+    sweep_runs: list[dict[str, Any]] = []
     if args.sweep:
         sweep_jobs = [
             _job(args, n, r, lr, 0) for n in SWEPT if n in labels for r in ranks for lr in args.lrs
         ]
-        for j, run in zip(sweep_jobs, _pool_map(sweep_jobs, args), strict=True):
+        sweep_runs = _pool_map(sweep_jobs, args)
+        for j, run in zip(sweep_jobs, sweep_runs, strict=True):
             tail = run_metrics(run, None)["tail_in_domain"]
             sweep_record.setdefault(f"{j.label} r={j.rank}", {})[f"{j.lr:g}"] = round(tail, 4)
             key = (j.label, j.rank)
@@ -297,6 +324,8 @@ def main_protocol(args: argparse.Namespace) -> dict[str, Any]:
         "protocol": _protocol(args),
         "sweep": sweep_record,
         "runs": runs,
+        # The sweep's other points (its best point is also in "runs"), for --reuse.
+        "sweep_runs": [x for x in sweep_runs if x not in runs],
     }
     (Path(args.out) / "record.json").write_text(json.dumps(record))
     diagnosis = {
@@ -580,6 +609,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="simulations at a time (1 thread each)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     ap.add_argument("--out", default="benchmarks/results/quality")
+    ap.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        metavar="RECORD",
+        help="record.json files whose runs are reused where the job is identical",
+    )
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.rounds, args.ranks, args.sweep = 1, 8, [8], False
@@ -588,6 +624,8 @@ def main() -> None:
         if args.out == "benchmarks/results/quality":
             args.out = "benchmarks/results/quality-quick"
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        c.log(f"reused {reuse_runs(args.reuse, Path(args.out) / 'runs')} recorded runs")
     # Build the base model(s) first, once, in this process (two workers must not both do it).
     models = {_ablation_model(args, w) for w in args.widths} if args.ablation else {args.model}
     for m in sorted(models):

@@ -4,7 +4,8 @@
 #   2. `docker-compose config` resolves the file, with every profile, from .env.example
 #      with dummy values for its empty secrets;
 #   3. it refuses to resolve, naming the variable, when any one secret is missing;
-#   4. hadolint passes both Dockerfiles.
+#   4. hadolint passes both Dockerfiles;
+#   5. the API trusts forwarding headers from the TLS proxy's address only.
 # docker-compose (Compose v2) and hadolint are binaries from the dev extra (PyPI wheels).
 # The environment is emptied for each compose call, so a secret exported in the caller's
 # shell can neither hide a failure nor leak into the output.
@@ -43,6 +44,18 @@ run_compose "$dummy" config --quiet
 run_compose "$dummy" --profile minio --profile tls --profile demo config --quiet
 services=$(run_compose "$dummy" --profile minio --profile tls --profile demo config --services)
 echo "check-deploy: compose config resolves: $(echo $services)"
+
+# 5. the API believes X-Forwarded-* from the TLS proxy's address only (never `*`: anyone who
+#    reaches the API's port could set the address the audit trail records).
+run_compose "$dummy" --profile tls config --format json | python3 -c '
+import json, sys
+cfg = json.load(sys.stdin)["services"]
+allow = [a.split("=", 1)[1] for a in cfg["api"]["command"] if a.startswith("--forwarded-allow-ips=")]
+proxy = cfg["caddy"]["networks"]["proxy"]["ipv4_address"]
+if allow != [proxy]:
+    sys.exit(f"check-deploy: the API trusts forwarding headers from {allow}, not only the proxy {proxy}")
+print(f"check-deploy: the API trusts forwarding headers from the proxy {proxy} only")
+'
 
 for var in $required; do
     grep -v "^$var=" "$dummy" >"$work/without.env"

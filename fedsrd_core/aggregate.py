@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -468,15 +468,79 @@ def _delta_norm_bound(L_E: torch.Tensor, R_G: torch.Tensor, r: int) -> float:
     return float((nE * nG).sum()) * margin
 
 
+class DeltaOperator(Protocol):
+    """``Delta = sum_i w_i (dB_i - dB_bar)(dA_i - dA_bar)``, the part of ``W`` beyond
+    ``B~ A~`` (see (*)), as the thin iteration uses it: products with thin blocks only."""
+
+    #: the accumulation width of the products (``m r``): sets the float32 rounding floor
+    width: int
+
+    def times(self, Z: torch.Tensor) -> torch.Tensor:
+        """``Delta Z`` (``Z``: ``d_in x n`` float64) in float64."""
+        ...
+
+    def t_times(self, P: torch.Tensor) -> torch.Tensor:
+        """``Delta^T P`` (``P``: ``d_out x n`` float64) in float64."""
+        ...
+
+    def norm_bound(self) -> float:
+        """An upper bound on ``||Delta||_2``."""
+        ...
+
+    def rounding_scale(self) -> float:
+        """The Frobenius size of the factors the products round in (``||L|| ||R||``)."""
+        ...
+
+
+class _DenseDelta:
+    """:class:`DeltaOperator` of the stacked centred factors ``L_E R_G`` (dense float32)."""
+
+    def __init__(self, L_E: torch.Tensor, R_G: torch.Tensor, r: int) -> None:
+        self.L_E, self.R_G, self.r = L_E, R_G, r
+        self.width = L_E.shape[1]
+
+    def times(self, Z: torch.Tensor) -> torch.Tensor:
+        return (self.L_E @ (self.R_G @ Z.to(self.R_G.dtype))).to(torch.float64)
+
+    def t_times(self, P: torch.Tensor) -> torch.Tensor:
+        return (self.R_G.T @ (self.L_E.T @ P.to(self.L_E.dtype))).to(torch.float64)
+
+    def norm_bound(self) -> float:
+        return _delta_norm_bound(self.L_E, self.R_G, self.r)
+
+    def rounding_scale(self) -> float:
+        if not self.width:
+            return 0.0
+        return float(torch.linalg.vector_norm(self.L_E)) * float(torch.linalg.vector_norm(self.R_G))
+
+
 def _thin_target(L_D: torch.Tensor, R_D: torch.Tensor, r: int) -> tuple[ModuleTarget | None, str]:
+    """:func:`thin_truncation` of the stacked centred factors of :func:`_centered_factors`."""
+    return thin_truncation(
+        L_D[:, :r],
+        L_D[:, r : 2 * r],
+        R_D[:r],
+        R_D[r : 2 * r],
+        _DenseDelta(L_D[:, 2 * r :], R_D[2 * r :], r),
+    )
+
+
+def thin_truncation(
+    dB_bar: torch.Tensor,
+    Bt: torch.Tensor,
+    A: torch.Tensor,
+    dA_bar: torch.Tensor,
+    delta: DeltaOperator,
+) -> tuple[ModuleTarget | None, str]:
     """FedSRD's target ``T = W_r - B A`` by subspace iteration on ``W`` as a thin operator.
 
-    ``W = B~ A~ + Delta`` with ``Delta = L_E R_G = sum_{i<m} E_i G_i`` (see (*)). ``W`` is
-    only ever applied to ``r``-wide blocks: ``W X = B~ (A~ X) + L_E (R_G X)``, the first term
-    in float64, the second in float32 (it is small). Subspace iteration on ``W W^T`` starts
+    ``W = B~ A~ + Delta`` (``B~ = B + dB_bar``, given as ``Bt``; ``A~ = A + dA_bar``; see
+    (*)). ``W`` is only ever applied to ``r``-wide blocks: ``W X = B~ (A~ X) + Delta X``, the
+    first term in float64, the second through ``delta`` (float32 products of the client
+    factors, dense or sparse: it is small). Subspace iteration on ``W W^T`` starts
     from the columns of ``B~`` (the top-``r`` left singular subspace of ``W`` once ``B`` is
     established) and stops on the Davis-Kahan bound ``||W W^T P - P H||_F / (theta_min -
-    tau)`` with ``tau = (sum_i ||E_i|| ||G_i||)^2 >= ||Delta||_2^2 >= sigma_{r+1}(W)^2``
+    tau)`` with ``tau = delta.norm_bound()^2 >= ||Delta||_2^2 >= sigma_{r+1}(W)^2``
     (Weyl: ``rank(B~ A~) <= r``). With ``P`` (``d_out x r``, orthonormal) converged::
 
         T = (W - B A) - (I - P P^T) W
@@ -484,17 +548,16 @@ def _thin_target(L_D: torch.Tensor, R_D: torch.Tensor, r: int) -> tuple[ModuleTa
 
     every term a small difference computed directly (``F`` in float64), so no cancellation
     against ``B A``; ``T`` is returned factored with ``4 r`` columns and no tail. Cost: a few
-    products of ``L_E``, ``R_G`` with ``r``-wide blocks, ``O((d_out + d_in) m r^2)``.
+    products of ``Delta`` with ``r``-wide blocks (``O((d_out + d_in) m r^2)`` for dense
+    client factors, ``O(nnz r)`` for sparse ones).
 
     Returns ``(target, "iteration")``, or ``(None, why)`` when ``B~`` is rank deficient, the
     bound shows no spectral gap, or the iteration does not converge: the caller then takes
     the exact Gram path.
     """
-    dB_bar, Bt = L_D[:, :r], L_D[:, r : 2 * r]
-    A, dA_bar = R_D[:r], R_D[r : 2 * r]
+    r = A.shape[0]
     At = A + dA_bar
-    L_E, R_G = L_D[:, 2 * r :], R_D[2 * r :]
-    k = L_E.shape[1]
+    k = delta.width
     Bt64, At64 = Bt.to(torch.float64), At.to(torch.float64)
     qr = torch.linalg.qr(Bt64)
     diag = qr.R.diagonal().abs()
@@ -502,11 +565,8 @@ def _thin_target(L_D: torch.Tensor, R_D: torch.Tensor, r: int) -> tuple[ModuleTa
         return None, "rank_deficient"
     P = qr.Q
 
-    def delta_t(P64: torch.Tensor) -> torch.Tensor:  # Delta^T P, d_in x r
-        return (R_G.T @ (L_E.T @ P64.to(L_E.dtype))).to(torch.float64)
-
     def w_times(Z64: torch.Tensor) -> torch.Tensor:  # W Z, d_out x r
-        return Bt64 @ (At64 @ Z64) + (L_E @ (R_G @ Z64.to(R_G.dtype))).to(torch.float64)
+        return Bt64 @ (At64 @ Z64) + delta.times(Z64)
 
     # The target's own scale: the first-order part dB_bar A + B~ dA_bar of W - B A.
     def fro2(X: torch.Tensor, Y: torch.Tensor) -> float:  # ||X Y||_F^2 via r x r Grams
@@ -514,14 +574,13 @@ def _thin_target(L_D: torch.Tensor, R_D: torch.Tensor, r: int) -> tuple[ModuleTa
         return float(((X64.T @ X64) * (Y64 @ Y64.T)).sum())
 
     scale = math.sqrt(max(fro2(dB_bar, A), 0.0) + max(fro2(Bt, dA_bar), 0.0))
-    bound = _delta_norm_bound(L_E, R_G, r)
-    nLE = float(torch.linalg.vector_norm(L_E)) if k else 0.0
-    nRG = float(torch.linalg.vector_norm(R_G)) if k else 0.0
-    dim = max(L_E.shape[0], R_G.shape[1])
-    Y = w_times(At64.T @ (Bt64.T @ P) + delta_t(P))  # one step before the first check
+    bound = delta.norm_bound()
+    rounding = delta.rounding_scale()
+    dim = max(Bt.shape[0], A.shape[1])
+    Y = w_times(At64.T @ (Bt64.T @ P) + delta.t_times(P))  # one step before the first check
     for _ in range(_THIN_MAX_ITERS):
         P = _orthonormal_columns(Y)
-        DtP = delta_t(P)
+        DtP = delta.t_times(P)
         Z = At64.T @ (Bt64.T @ P) + DtP  # W^T P
         Y = w_times(Z)  # W W^T P
         H = P.T @ Y
@@ -532,13 +591,13 @@ def _thin_target(L_D: torch.Tensor, R_D: torch.Tensor, r: int) -> tuple[ModuleTa
         if gap <= 0:
             return None, "no_gap"
         res = float(torch.linalg.vector_norm(Y - P @ H))
-        # float32 rounding of L_E (R_G Z) and R_G^T (L_E^T P), a standard estimate.
-        floor = _THIN_FLOOR_FACTOR * _EPS32 * (math.sqrt(k) + math.sqrt(dim)) * nLE * nRG
+        # float32 rounding of the Delta products, a standard estimate.
+        floor = _THIN_FLOOR_FACTOR * _EPS32 * (math.sqrt(k) + math.sqrt(dim)) * rounding
         floor *= float(torch.linalg.vector_norm(Z)) + sigma1 * math.sqrt(r)
         angle = res / gap
         if angle * sigma1 <= _THIN_TOL * scale or (res <= floor and angle <= _THIN_MAX_FLOOR_ANGLE):
             F = Bt64 - P @ (P.T @ Bt64)
-            dtype = L_D.dtype
+            dtype = Bt.dtype
             L = torch.cat([dB_bar, Bt, (-F).to(dtype), P.to(dtype)], dim=1)
             R = torch.cat([A, dA_bar, At, DtP.T.to(dtype)], dim=0)
             return ModuleTarget(L, R, r, None), "iteration"
@@ -608,11 +667,26 @@ def fedsrd_module_delta(
     return one_factor_solve(target, A, B, round_=round_)
 
 
+class TargetOperator(Protocol):
+    """A target ``T`` held some other way than :class:`ModuleTarget` (the sparse FedSRD-e
+    target of :mod:`fedsrd_core.aggregate_sparse`): thin products and its own solve."""
+
+    def times(self, X: torch.Tensor) -> torch.Tensor: ...
+
+    def times_left(self, Z: torch.Tensor) -> torch.Tensor: ...
+
+    def solve(
+        self, A: torch.Tensor, B: torch.Tensor, *, round_: int
+    ) -> tuple[Factor, torch.Tensor]: ...
+
+
 def one_factor_solve(
-    target: ModuleTarget, A: torch.Tensor, B: torch.Tensor, *, round_: int
+    target: ModuleTarget | TargetOperator, A: torch.Tensor, B: torch.Tensor, *, round_: int
 ) -> tuple[Factor, torch.Tensor]:
     """Eqs. 11-13 on a target: ``("B", T pinv(A))`` on odd rounds, ``("A", pinv(B) T)`` on
     even ones (float32), through ``r x r`` Gram pseudo-inverses in float64."""
+    if not isinstance(target, ModuleTarget):
+        return target.solve(A, B, round_=round_)
     if update_parity(round_) == "B":
         P = target.right_coefficients(right_pinv_product(target.R, A))  # R_D pinv(A), fixed
         return "B", target.L @ P.to(target.L.dtype)

@@ -28,7 +28,13 @@ def add_simulate_command(sub: Any) -> None:
         "unless --allow-download)",
     )
     p.add_argument("--allow-download", action="store_true")
-    p.add_argument("--clients", type=int, default=4)
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="clients of an iid or dirichlet partition (default 4); the domain partition has "
+        "one client per domain, and --data one per file",
+    )
     p.add_argument("--partition", choices=["domain", "iid", "dirichlet"], default="domain")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--train-per-domain", type=int, default=200)
@@ -37,9 +43,18 @@ def add_simulate_command(sub: Any) -> None:
         "--data",
         nargs="*",
         default=None,
-        help="per-client local files (JSONL or text) instead of generated domains",
+        help="per-client local files instead of generated domains: JSON lines (Alpaca "
+        "instruction/input/output, chat {'messages': [...]}, or prompt/completion) or plain text",
     )
-    p.add_argument("--strategy", default="fedsrd")
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="held-out files (same formats as --data) to evaluate on, each its own set, "
+        "instead of the generated domains' evaluation sets",
+    )
+    p.add_argument("--strategy", default="fedsrd", help="one of: " + ", ".join(_strategies()))
     p.add_argument("--strategy-config", default="{}", help="JSON overrides of its defaults")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--participation", type=float, default=1.0)
@@ -69,55 +84,142 @@ def add_simulate_command(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class UsageError(Exception):
+    """A bad option or input file: one line on stderr and exit status 2, no traceback."""
+
+
+def _strategies() -> list[str]:
+    from fedsrd_core.strategies import available_strategies
+
+    return list(available_strategies())
+
+
 def run_simulate(args: argparse.Namespace) -> int:
+    try:
+        return _simulate(args)
+    except UsageError as e:
+        print(f"fedsrd simulate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _simulation_config(args: argparse.Namespace) -> Any:
+    from fedsrd_core.simulation import SimulationConfig
+    from fedsrd_core.training import TrainConfig
+
+    if args.strategy not in _strategies():
+        raise UsageError(f"unknown --strategy {args.strategy!r}; known: {', '.join(_strategies())}")
+    try:
+        overrides = json.loads(args.strategy_config)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--strategy-config is not valid JSON: {e}") from e
+    if not isinstance(overrides, dict):
+        raise UsageError("--strategy-config must be a JSON object, e.g. '{\"density\": 0.1}'")
+    try:
+        return SimulationConfig(
+            strategy=args.strategy,
+            strategy_config=overrides,
+            rounds=args.rounds,
+            participation=args.participation,
+            dropout=args.dropout,
+            rank=args.rank,
+            train=TrainConfig(
+                steps=args.steps,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                seq_len=args.seq_len,
+                lr=args.lr,
+            ),
+            value_dtype=args.value_dtype,
+            seed=args.seed,
+            eval_exact_match=args.exact_match,
+            diagnostics=args.diagnostics,
+        )
+    except (ValueError, TypeError) as e:  # the strategy's config validates itself
+        raise UsageError(f"{e} (--strategy {args.strategy} --strategy-config)") from e
+
+
+def _client_data(args: argparse.Namespace) -> list[list[Any]]:
     from fedsrd_core.data import (
         DOMAINS,
-        OOD_DOMAINS,
         generate,
-        load_examples,
         partition_by_domain,
         partition_dirichlet,
         partition_iid,
     )
-    from fedsrd_core.modeling import load_causal_lm
-    from fedsrd_core.simulation import SimulationConfig, simulate, write_outputs
-    from fedsrd_core.training import TrainConfig
 
-    config = SimulationConfig(
-        strategy=args.strategy,
-        strategy_config=json.loads(args.strategy_config),
-        rounds=args.rounds,
-        participation=args.participation,
-        dropout=args.dropout,
-        rank=args.rank,
-        train=TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            seq_len=args.seq_len,
-            lr=args.lr,
-        ),
-        value_dtype=args.value_dtype,
-        seed=args.seed,
-        eval_exact_match=args.exact_match,
-        diagnostics=args.diagnostics,
-    )
     if args.data:
-        clients = [load_examples(p) for p in args.data]
-    else:
-        train = [e for d in DOMAINS for e in generate(d, args.train_per_domain, seed=args.seed)]
-        if args.partition == "domain":
-            clients = partition_by_domain(train)
-        elif args.partition == "iid":
-            clients = partition_iid(train, args.clients, seed=args.seed)
-        else:
-            clients = partition_dirichlet(train, args.clients, args.alpha, seed=args.seed)
-    eval_sets = {
-        d: generate(d, args.eval_per_domain, seed=args.seed, split="eval")
-        for d in (*DOMAINS, *OOD_DOMAINS)
-    }
+        if args.clients is not None and args.clients != len(args.data):
+            raise UsageError(
+                f"--clients {args.clients} with {len(args.data)} --data files: each file is "
+                "one client's data"
+            )
+        return [_load(p) for p in args.data]
+    if args.partition == "domain":
+        # The API refuses the same combination: a domain partition has one client per domain.
+        if args.clients is not None and args.clients != len(DOMAINS):
+            raise UsageError(
+                f"--clients {args.clients} with --partition domain: that partition has one "
+                f"client per domain ({len(DOMAINS)}: {', '.join(DOMAINS)}); use --partition "
+                "iid or dirichlet for another number"
+            )
+    elif args.clients is not None and args.clients < 1:
+        raise UsageError(f"--clients must be >= 1, got {args.clients}")
+    train = [e for d in DOMAINS for e in generate(d, args.train_per_domain, seed=args.seed)]
+    clients = 4 if args.clients is None else args.clients
+    if args.partition == "domain":
+        return [list(c) for c in partition_by_domain(train)]
+    if args.partition == "iid":
+        return [list(c) for c in partition_iid(train, clients, seed=args.seed)]
+    return [list(c) for c in partition_dirichlet(train, clients, args.alpha, seed=args.seed)]
+
+
+def _load(path: str) -> list[Any]:
+    from fedsrd_core.data import DataError, load_examples
+
+    try:
+        return load_examples(path)
+    except DataError as e:
+        raise UsageError(str(e)) from e
+
+
+def _eval_sets(args: argparse.Namespace) -> dict[str, list[Any]]:
+    from fedsrd_core.data import DOMAINS, OOD_DOMAINS, generate
+
+    if not args.eval:
+        return {
+            d: generate(d, args.eval_per_domain, seed=args.seed, split="eval")
+            for d in (*DOMAINS, *OOD_DOMAINS)
+        }
+    stems = [Path(f).stem for f in args.eval]
+    # Each file is one set, named by its file name (its path where two names collide).
+    names = [s if stems.count(s) == 1 else f for s, f in zip(stems, args.eval, strict=True)]
+    return {name: _load(f) for name, f in zip(names, args.eval, strict=True)}
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedsrd_core.data import shortest_seq_len
+    from fedsrd_core.modeling import ModelLoadError, load_causal_lm, load_tokenizer
+    from fedsrd_core.simulation import simulate, write_outputs
+
+    config = _simulation_config(args)
+    clients = _client_data(args)
+    eval_sets = _eval_sets(args)
     path = resolve_model(args.model, args.cache_dir)
-    model, tokenizer = load_causal_lm(str(path), allow_download=args.allow_download)
+    try:
+        tokenizer = load_tokenizer(str(path), allow_download=args.allow_download)
+        shortest = shortest_seq_len(tokenizer)
+        prompted = any(
+            not e.is_plain_text for data in (*clients, *eval_sets.values()) for e in data
+        )
+        if prompted and args.seq_len < shortest:
+            raise UsageError(
+                f"--seq-len {args.seq_len} cannot hold the prompt template with this model's "
+                f"tokenizer: the smallest length that fits it and one response token is "
+                f"{shortest}"
+            )
+        model, tokenizer = load_causal_lm(str(path), allow_download=args.allow_download)
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from e
 
     bar: Any = None
     if not args.quiet and sys.stderr.isatty():

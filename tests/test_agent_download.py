@@ -249,3 +249,13 @@ def test_an_unknown_blob_is_refused_at_once(api: System, snapshot: Target) -> No
             client.download("0" * 64)
         assert e.value.status == 404
         assert [x.status for x in proxy.exchanges] == [404]  # not retried
+
+
+def test_more_bytes_than_the_plan_announced_are_refused(api: System, snapshot: Target) -> None:
+    # The plan says one byte less than the server sends: the agent takes nothing of it.
+    with _through_proxy(api, snapshot, {}) as (client, proxy):
+        with pytest.raises(ServerError, match="size_mismatch") as e:
+            client.download(snapshot.sha256, len(snapshot.data) - 1)
+        assert f"announced {len(snapshot.data) - 1} bytes" in str(e.value)
+        assert [x.status for x in proxy.exchanges] == [200]  # not retried
+        assert client.download(snapshot.sha256, len(snapshot.data)) == snapshot.data

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 
 from agent.client import ServerError
 from api.services import rounds as round_service
@@ -111,6 +111,13 @@ def test_exported_adapter_matches_server_state(api: Api, tiny_model: Path, tmp_p
         plain = load_causal_lm(str(tiny_model))[0](input_ids=ids).logits
     torch.testing.assert_close(got, want)
     assert (got - plain).abs().max() > 1e-6  # the adapter changes the model
+    # The run's model is "tiny": the export names its cached directory, so peft's one-call
+    # loader finds the base model (it said "tiny", which nothing can load).
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model.resolve())
+    auto = AutoPeftModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(input_ids=ids).logits, want)
 
 
 def last_snapshot(api: Api, run_id: int) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import pytest
 import torch
 from sqlalchemy import func, select
 
+from api.errors import Conflict
 from api.models import Update
+from api.services import updates as update_service
 from fedsrd_core.codec import encode, inspect
 from fedsrd_core.sparse import SparseTensor
 from tests.api_support import ADMIN_H, Api, FakeAgent, database_url, make_api, sha
@@ -423,3 +426,57 @@ def _cap(api: Api, rid: int) -> int:
 
     with api.rt.sessions() as s:
         return upload_size_cap(s.get(Run, rid))
+
+
+def test_a_seq_len_that_cannot_hold_the_prompt_template_is_refused(api: Api):
+    from tests.api_support import small_run
+
+    # The tiny model's tokenizer is byte-level: the template alone is 140 tokens.
+    short = small_run(train={"steps": 1, "batch_size": 2, "seq_len": 140})
+    body = _err(api.admin("POST", "/api/v1/runs", json=short), 422, "train.seq_len", "is 141")
+    assert "prompt template" in str(body["detail"])
+    assert api.admin("GET", "/api/v1/runs").json()["count"] == 0
+    api.create_run(train={"steps": 1, "batch_size": 2, "seq_len": 141})
+
+
+def test_the_losing_one_of_two_concurrent_uploads_leaves_no_blob(api: Api):
+    """Two different updates of one client for one round, both past the cheap checks and
+    streamed in, recorded at the same moment from two threads (two sessions): one is
+    accepted, the other is a 409 and its blob is gone at once."""
+    rid, tokens = _launched(api)
+    cid = api.admin("GET", f"/api/v1/runs/{rid}/clients").json()["data"][0]["id"]
+    agent = FakeAgent(api.agent(rid, tokens[0]), seed=3)
+    agent.catch_up()
+    blobs = [agent.make_update(1), agent.make_update(1)]
+    shas = [sha(b) for b in blobs]
+    assert shas[0] != shas[1]
+    pre = update_service.precheck(api.rt, cid, 1, 0, shas[0])
+    sinks = []
+    for blob in blobs:
+        sink = update_service.UploadSink(api.rt, pre.run, pre.shapes, pre.size_cap, len(blob))
+        sink.write(blob)
+        sinks.append(sink)
+    start = threading.Barrier(2)
+    results: list[object] = [None, None]
+
+    def finish(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = update_service.finish(api.rt, sinks[i], shas[i], cid, 1, 0, 4)
+        except Conflict as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [i for i in range(2) if isinstance(results[i], update_service.Accepted)]
+    lost = [i for i in range(2) if isinstance(results[i], Conflict)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert "already uploaded a different update" in str(results[lost[0]])
+    assert api.rt.blobs.exists(shas[won[0]])
+    assert not api.rt.blobs.exists(shas[lost[0]])
+    assert not any((api.settings.data_dir / "blobs" / "tmp").iterdir())
+    with api.rt.sessions() as s:
+        assert s.scalars(select(Update.blob)).all() == [shas[won[0]]]

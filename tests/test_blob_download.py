@@ -81,6 +81,32 @@ def test_download_headers_and_ranges(api: Api) -> None:
     assert r.status_code == 200 and r.content == body
 
 
+def test_bytes_down_counts_the_bytes_sent(api: Api) -> None:
+    run_id, _, h = _client(api)
+    plan = api.client.get(f"/api/v1/agent/runs/{run_id}/sync", headers=h).json()
+    sha, size = plan["snapshot"]["sha256"], plan["snapshot"]["size"]
+    url = f"/api/v1/agent/runs/{run_id}/blobs/{sha}"
+
+    def bytes_down() -> int:
+        clients = api.admin("GET", f"/api/v1/runs/{run_id}/clients").json()["data"]
+        return int(clients[0]["bytes_down"])
+
+    assert bytes_down() == 0
+    for i in range(5):  # five one-byte ranges: five bytes, not five blobs
+        r = api.client.get(url, headers={**h, "Range": f"bytes={i}-{i}"})
+        assert r.status_code == 206 and len(r.content) == 1
+    assert bytes_down() == 5
+    r = api.client.get(url, headers={**h, "Range": "bytes=-100"})
+    assert r.status_code == 206
+    assert bytes_down() == 105
+    r = api.client.get(url, headers=h)
+    assert r.status_code == 200
+    assert bytes_down() == 105 + size
+    r = api.client.get(url, headers={**h, "Range": f"bytes={size}-"})
+    assert r.status_code == 416
+    assert bytes_down() == 105 + size
+
+
 def test_a_round_through_the_api_on_each_store(api: Api) -> None:
     run_id, token, h = _client(api)
     agent = FakeAgent(api.agent(run_id, token), seed=3)

@@ -637,3 +637,144 @@ def test_admin_bearer_token_still_works_without_csrf(api: Api):
     run_id = api.create_run()["id"]
     r = api.client.post(f"/api/v1/runs/{run_id}/cancel", headers=ADMIN_H)
     assert r.status_code == 200
+
+
+# -- log scale, base model at round 0, comparison ---------------------------------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_log_chart_points_against_the_plain_log_map(seed: int):
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    series = [
+        charts.Series(
+            f"s{k}",
+            [
+                (float(i + 1), 10 ** rng.uniform(-3, 3) * rng.choice([1, 1, 1, 0, -1]))
+                for i in range(n)
+            ],
+        )
+        for k in range(rng.randint(1, 3))
+    ]
+    c = charts.chart("t", series, log_y=True)
+    positive = [y for s in series for _, y in s.points if y > 0]
+    if not positive:
+        assert c.empty
+        return
+    lo, hi = float(c.y_ticks[0].label), float(c.y_ticks[-1].label)
+    assert lo <= min(positive) * (1 + 1e-9) and max(positive) <= hi * (1 + 1e-9)
+    left, top, right, bottom = c.plot
+    assert math.isclose(c.y_ticks[0].pos, bottom, abs_tol=0.01)
+    assert math.isclose(c.y_ticks[-1].pos, top, abs_tol=0.01)
+    for s, drawn in zip(series, c.series, strict=True):
+        kept = [(x, y) for x, y in s.points if y > 0]  # log scale: the rest is not drawn
+        assert [(mx, my) for _, _, mx, my in drawn.markers] == kept
+        for (_, y), (_, py, _, _) in zip(kept, drawn.markers, strict=True):
+            ry = bottom - (math.log10(y) - math.log10(lo)) / math.log10(hi / lo) * (bottom - top)
+            assert math.isclose(py, ry, abs_tol=0.6)  # tick labels keep 3-4 digits
+
+
+def test_non_integer_x_axis_gets_fractional_ticks():
+    c = charts.chart(
+        "t", [charts.Series("a", [(0.0, 1.0), (0.35, 2.0)])], integer_x=False, x_label="MiB"
+    )
+    assert c.x_label == "MiB" and len(c.x_ticks) >= 3
+    assert float(c.x_ticks[1].label) < 0.35
+
+
+def _evaluated(n: int, losses: dict[str, float], **kw: Any) -> RoundPublic:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    metrics: dict[str, Any] = {"eval": {k: {"loss": v} for k, v in losses.items()}}
+    if "base" in kw:
+        metrics["base_eval"] = {k: {"loss": v} for k, v in kw.pop("base").items()}
+    r = _round(n, "closed", t0, 1.0, 2.0, metrics=metrics)
+    return r.model_copy(update={"traffic": kw.get("traffic", {"up": 0, "down": 0, "fedavg": 0})})
+
+
+def test_eval_curves_start_at_the_base_model_and_compare_by_mib():
+    base = {"arithmetic": 3.0, "code": 4.0}
+    rounds = [
+        _evaluated(
+            1,
+            {"arithmetic": 2.5, "code": 3.5},
+            base=base,
+            traffic={"up": 3 << 20, "down": 1 << 20, "fedavg": 0},
+        ),
+        _evaluated(
+            2,
+            {"arithmetic": 2.0, "code": math.nan},
+            traffic={"up": 2 << 20, "down": 2 << 20, "fedavg": 0},
+        ),
+    ]
+    assert views.eval_curve(rounds) == [(0.0, 3.5), (1.0, 3.0), (2.0, 2.0)]  # NaN left out
+    assert views.final_eval(rounds) == 2.0
+    per_set = views.charts(rounds)[-1]
+    assert per_set.title.startswith("Eval loss per held-out set")
+    assert [[(m[2], m[3]) for m in s.markers] for s in per_set.series] == [
+        [(0.0, 3.0), (1.0, 2.5), (2.0, 2.0)],
+        [(0.0, 4.0), (1.0, 3.5)],
+    ]
+    from api.schemas import RunPublic
+
+    run = RunPublic.model_validate(
+        {
+            "id": 7, "name": "r", "status": "completed", "status_reason": None,
+            "base_model": "tiny", "model_fingerprint": "f", "strategy": "fedsrd",
+            "total_rounds": 2, "current_round": 2, "lora_parameters": 1, "clients": 2,
+            "bytes_up": 0, "bytes_down": 0, "fedavg_equivalent_bytes": 0, "bytes_saved": 0,
+            "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "started_at": None,
+            "finished_at": None, "config": {},
+        }
+    )  # fmt: skip
+    (by_round, by_mib), rows = views.compare([(run, rounds), (run, rounds[:1])])
+    assert [(m[2], m[3]) for m in by_mib.series[0].markers] == [(0.0, 3.5), (4.0, 3.0), (8.0, 2.0)]
+    assert [(m[2], m[3]) for m in by_round.series[1].markers] == [(0.0, 3.5), (1.0, 3.0)]
+    assert [r.mib for r in rows] == [8.0, 4.0] and rows[0].css != rows[1].css
+    assert by_mib.x_label.startswith("MiB")
+
+
+def test_base_eval_final_eval_compare_page_and_finished_run_pages(api: Api):
+    body = small_run(
+        rounds=2,
+        simulation={"clients": 2, "domains": ["arithmetic", "code"], "examples_per_client": 4},
+        evaluation={"domains": ["arithmetic", "code"], "examples": 2},
+    )
+    ids = [
+        api.create_run(**{**body, "strategy": s}, launch=True)["id"] for s in ("fedavg", "fedsrd")
+    ]
+    docs = []
+    for i in ids:
+        rounds = api.rounds(i)
+        run = api.run(i)
+        assert run["status"] == "completed"
+        # Round 1 carries the base model's evaluation (the launch state, B = 0): the same
+        # model and held-out sets for both runs, so the same numbers, whatever the strategy.
+        base = rounds[0]["metrics"]["base_eval"]
+        assert set(base) == {"arithmetic", "code"}
+        assert "base_eval" not in rounds[1]["metrics"]
+        last = rounds[-1]["metrics"]["eval"]
+        assert run["final_eval_loss"] == pytest.approx(sum(v["loss"] for v in last.values()) / 2)
+        docs.append((run, rounds, base))
+    assert docs[0][2] == docs[1][2]
+    assert docs[0][1][0]["metrics"]["eval"] != docs[0][2]  # round 1 changed the model
+    listed = {r["id"]: r for r in api.admin("GET", "/api/v1/runs").json()["data"]}
+    assert [listed[i]["final_eval_loss"] for i in ids] == [d[0]["final_eval_loss"] for d in docs]
+
+    sign_in(api)
+    runs_page = api.client.get("/runs", headers=HTML).text
+    for run, _, _ in docs:
+        assert f"{run['final_eval_loss']:.4f}" in runs_page
+        assert f'name="run" value="{run["id"]}" form="compare-form"' in runs_page
+    r = api.client.get(f"/compare?run={ids[0]}&run={ids[1]}", headers=HTML)
+    assert r.status_code == 200
+    assert r.text.count("<tr data-run=") == 2 and 'id="compare-2"' in r.text
+    assert f"{docs[0][0]['final_eval_loss']:.4f}" in r.text
+    assert api.client.get(f"/compare?run={ids[0]}", headers=HTML).status_code == 422
+    assert api.client.get(f"/compare?run={ids[0]}&run={ids[0]}", headers=HTML).status_code == 422
+    assert api.client.get(f"/compare?run={ids[0]}&run=99999", headers=HTML).status_code == 404
+    # A finished run offers no enrolment and no revocation; a created one does.
+    page = api.client.get(f"/runs/{ids[0]}", headers=HTML).text
+    assert 'id="enroll"' not in page and "/revoke" not in page
+    assert "Eval loss per held-out set" in page
+    fresh = api.create_run()["id"]
+    api.enroll(fresh, "site-a")
+    page = api.client.get(f"/runs/{fresh}", headers=HTML).text
+    assert 'id="enroll"' in page and "/revoke" in page

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,10 +244,13 @@ def test_launch_watch_to_completion_and_download_adapter(tab: Tab, stack: System
     )
 
     # Charts drawn: one point per round in every line, one bar per round.
-    assert _points(page, "#chart-1 polyline") == [3, 3]  # train loss, eval loss
+    # Train loss per round; eval loss from round 0 (the base model) on.
+    assert _points(page, "#chart-1 polyline") == [3, 4]
     assert _points(page, "#chart-2 polyline") == [3, 3, 3]  # up, down, FedAvg
     assert _points(page, "#chart-3 polyline") == [3, 3]  # cumulative: run, FedAvg
     assert page.locator("#chart-4 rect.bar").count() == 3
+    assert _points(page, "#chart-5 polyline") == [4]  # eval loss per held-out set: arithmetic
+    assert "log scale" in page.locator("#chart-2").inner_text()
     # The cumulative FedAvg line ends above the run's own (higher on the page = smaller y).
     ends = page.eval_on_selector_all(
         "#chart-3 polyline",
@@ -337,3 +341,59 @@ def test_cancel_a_run(tab: Tab, stack: System) -> None:
     assert stack.run(run["id"])["status"] == "cancelled"
     assert page.locator("#cancel-run").count() == 0
     tab.shots("run-cancelled")
+
+
+def test_compare_runs_from_the_runs_list(tab: Tab, stack: System) -> None:
+    """Tick two finished runs (the ticks survive the list's live refresh while a third run
+    keeps it refreshing), compare them: eval loss against round and against MiB moved."""
+    page = tab.page
+    body = {
+        "rounds": 2,
+        "simulation": {"clients": 2, "domains": ["arithmetic", "code"], "examples_per_client": 4},
+        "evaluation": {"domains": ["arithmetic"], "examples": 2},
+    }
+    ids = [
+        stack.create_run(name=f"cmp-{s}", strategy=s, launch=True, **body)["id"]
+        for s in ("fedavg", "fedsrd")
+    ]
+    runs = [stack.wait_run(i) for i in ids]
+    for i in ids:  # evaluations land after their round
+        deadline = time.monotonic() + 120
+        while "eval" not in stack.rounds(i)[-1]["metrics"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+    runs = [stack.run(i) for i in ids]
+    busy = stack.create_run(name="keeps-the-list-live", launch=True)
+    tab.sign_in()
+    expect(page.locator("#runs")).to_have_attribute("data-live-active", "true")
+    for i in ids:
+        page.check(f"tr[data-run='{i}'] input[name=run]")
+    refreshes = int(page.locator("#runs").get_attribute("data-live-refreshes") or 0)
+    expect(page.locator("#runs")).not_to_have_attribute(
+        "data-live-refreshes", str(refreshes), timeout=20_000
+    )
+    for i in ids:
+        assert page.locator(f"tr[data-run='{i}'] input[name=run]").is_checked()
+        row = page.locator(f"tr[data-run='{i}']").inner_text()
+        assert f"{stack.run(i)['final_eval_loss']:.4f}" in row and "tiny" in row
+    page.click("#compare-form button[type=submit]")
+    page.wait_for_url(re.compile(r".*/compare\?run=\d+&run=\d+$"))
+    assert page.locator("#compared tbody tr").count() == 2
+    # One line per run with the base model at round 0 and each of its 2 rounds.
+    assert _points(page, "#compare-1 polyline") == [3, 3]
+    assert _points(page, "#compare-2 polyline") == [3, 3]
+    legend = page.locator("#compare-1 .legend").inner_text()
+    assert f"run {ids[0]} · fedavg (FedAvg)" in legend and f"run {ids[1]} · fedsrd" in legend
+    # FedSRD moved fewer MiB: its line ends left of FedAvg's on the MiB chart (the runs are
+    # in the list's order, newest first; find each line by its series name).
+    ends = dict(
+        page.eval_on_selector_all(
+            "#compare-2 polyline",
+            "els => els.map(e => [e.dataset.series, Number(e.getAttribute('points').trim()"
+            ".split(/\\s+/).pop().split(',')[0])])",
+        )
+    )
+    moved = [r["bytes_up"] + r["bytes_down"] for r in runs]
+    assert moved[1] < moved[0]
+    assert ends[f"run {ids[1]} · fedsrd"] < ends[f"run {ids[0]} · fedavg (FedAvg)"]
+    tab.shots("compare")
+    stack.admin("POST", f"/api/v1/runs/{busy['id']}/cancel")

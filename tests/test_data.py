@@ -586,3 +586,61 @@ def test_generated_examples_score_against_themselves():
         prompt, reference = prompt_and_response(ex)
         assert prompt.endswith("### Response:\n")
         assert exact_match(first_line(reference + "\n### junk"), reference)
+
+
+# --- chat and prompt-completion records, tables -----------------------------------------------
+
+
+def test_chat_and_prompt_completion_lines_load(tmp_path):
+    lines = [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris"},
+                {"role": "user", "content": "And of Italy?"},
+                {"role": "assistant", "content": "Rome"},
+            ],
+            "domain": "geo",
+        },
+        {"prompt": "Say hi", "completion": "hi"},
+        {"instruction": "i", "output": "o"},
+    ]
+    path = write(tmp_path / "mixed.jsonl", "\n".join(json.dumps(x) for x in lines))
+    assert load_examples(path) == [
+        Example("2+2?", "", "4"),
+        Example(
+            "Be brief.\n\nAnd of Italy?",
+            "User: Capital of France?\nAssistant: Paris",
+            "Rome",
+            "geo",
+        ),
+        Example("Say hi", "", "hi"),
+        Example("i", "", "o"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"messages": []}', ":2: field 'messages' must be a non-empty array"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', ":2: messages must end with a user"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', ":2: messages[0]: role must be one"),
+        ('{"messages": [{"role": "user", "content": 1}]}', ":2: messages[0]: content must be a"),
+        ('{"prompt": "x"}', ":2: missing field 'completion'"),
+        ('{"prompt": [{"role": "user"}], "completion": "y"}', ":2: field 'prompt' must be a str"),
+        ('{"text": "just text"}', ":2: unrecognised record (keys 'text'): expected"),
+    ],
+)
+def test_unusable_records_name_the_line(tmp_path, line, message):
+    path = write(tmp_path / "data.jsonl", '{"prompt": "p", "completion": "c"}\n' + line)
+    with pytest.raises(DataError) as info:
+        load_examples(path)
+    assert str(info.value).startswith(str(path) + message), str(info.value)
+
+
+def test_a_csv_is_refused_not_read_as_one_document(tmp_path):
+    path = write(tmp_path / "data.csv", "instruction,output\nsay hi,hi\nsay bye,bye\n")
+    with pytest.raises(DataError, match=r"data\.csv:1: \.csv files are not read.*JSON object"):
+        load_examples(path)

@@ -233,3 +233,69 @@ def test_an_existing_directory_is_not_overwritten(tmp_path):
         write_peft_adapter(state, empty, base_model="m", rank=RANK)
     assert sorted(os.listdir(tmp_path)) == ["adapter", "empty"]  # no staging leftovers
     assert os.listdir(target) == ["keep.txt"] and os.listdir(empty) == []
+
+
+# --- GPT-2 (Conv1D layers) and peft's one-call loader -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A small random GPT-2, built here: its linear layers are transformers' ``Conv1D``,
+    which store the weight transposed (peft's ``fan_in_fan_out``)."""
+    from transformers import GPT2Config
+
+    from fedsrd_core.modeling import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2")
+    config = GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    build_byte_tokenizer(model_max_length=64).save_pretrained(path)
+    return path
+
+
+def test_gpt2_export_says_fan_in_fan_out_and_loads_both_ways(gpt2, tmp_path, recwarn):
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM
+
+    state = trained_state(adapter_layout_for(str(gpt2), rank=RANK))
+    assert "transformer.h.0.attn.c_attn" in state
+    out = write_peft_adapter(state, tmp_path / "adapter", base_model=str(gpt2), rank=RANK)
+    raw = json.loads((out / ADAPTER_CONFIG_FILE).read_text())
+    assert raw["fan_in_fan_out"] is True  # it said false, and peft corrected it with a warning
+    assert raw["base_model_name_or_path"] == str(gpt2.resolve())
+    want = reference_logits(gpt2, state, "all-linear")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = PeftModel.from_pretrained(base_model(gpt2), out).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    torch.testing.assert_close(logits(plain), want)
+    torch.testing.assert_close(logits(auto), want)
+    assert not torch.allclose(want, logits(base_model(gpt2)), atol=1e-3)
+
+
+def test_a_relative_base_model_directory_is_written_absolute(tiny, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    state = trained_state(adapter_layout_for(str(tiny), rank=RANK))
+    monkeypatch.chdir(tiny.parent)
+    out = write_peft_adapter(state, tmp_path / "adapter", base_model=tiny.name, rank=RANK)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the relative name would no longer resolve
+    assert LoraConfig.from_pretrained(out).base_model_name_or_path == str(tiny.resolve())
+    auto = AutoPeftModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    torch.testing.assert_close(logits(auto), reference_logits(tiny, state, "all-linear"))
+
+
+def test_export_names_a_base_model_it_cannot_read(tmp_path):
+    state = init_state({"model.layers.0.self_attn.q_proj": (8, 8)}, RANK)
+    with pytest.raises(ModelLoadError, match="tiny"):  # "tiny" is a name, not a model
+        write_peft_adapter(state, tmp_path / "a", base_model="tiny", rank=RANK)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_state_that_does_not_fit_the_base_model_is_refused(tiny, tmp_path):
+    state = init_state({"model.layers.0.self_attn.q_proj": (8, 8)}, RANK)
+    with pytest.raises(ValueError, match="does not fit the adapter"):
+        write_peft_adapter(state, tmp_path / "a", base_model=str(tiny), rank=RANK)

@@ -24,12 +24,13 @@ def api(request, tmp_path, model_cache):
 
 
 def test_a_simulated_run_whose_prompts_overflow_seq_len_completes(api: Api):
-    """seq_len 64 is shorter than every generated prompt: cut at the end, no response token
-    was left, every step's loss was NaN, and on PostgreSQL the aggregation failed the run."""
+    """seq_len 160 (the tiny model's template needs 141) is shorter than each of these
+    clients' prompts: cut at the end, no response token was left, every step's loss was NaN,
+    and on PostgreSQL the aggregation failed the run."""
     created = api.create_run(
         launch=True,
         rounds=1,
-        train={"steps": 1, "batch_size": 2, "seq_len": 64},
+        train={"steps": 1, "batch_size": 2, "seq_len": 160},
         simulation={"clients": 2, "domains": ["arithmetic", "code"], "examples_per_client": 2},
     )
     run = api.run(created["id"])

@@ -71,6 +71,13 @@ def test_fedsrd_e_is_fedsrd_without_truncation():
         ("fedsrd", {"server": "dense"}, "`server`"),
         ("fedsrd", {"truncate": "yes"}, "`truncate`"),
         ("fedsrd", {"download_values": "exact"}, "`download_values`"),
+        ("fedsrd", {"server_lr": 0}, "`server_lr`"),
+        ("fedsrd", {"server_lr": -1.0}, "`server_lr`"),
+        ("fedsrd", {"server_lr": float("nan")}, "`server_lr`"),
+        ("fedsrd", {"server_lr": float("inf")}, "`server_lr`"),
+        ("fedsrd", {"server_lr": 17}, "`server_lr`"),
+        ("fedsrd", {"server_lr": True}, "`server_lr`"),
+        ("fedsrd", {"server_lr": "2"}, "`server_lr`"),
         ("fedsrd-paper", {"rebalance": 1}, "`rebalance`"),
         ("fedsrd", {"sparsifier": {"alpha": 2}}, "`alpha`"),
         ("fedsrd", {"rank": 8}, "unknown field"),
@@ -346,3 +353,28 @@ def test_fitted_download_is_the_masked_least_squares_of_the_target(round_, trunc
     change = dense.double() @ A.double() if which == "B" else B.double() @ dense.double()
     assert float(change.norm()) <= float(T.norm()) * (1 + 1e-6)
     assert float((T - change).norm()) <= float(T.norm()) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("values", ["fit", "dare"])
+@pytest.mark.parametrize("round_", [1, 2])
+def test_server_lr_scales_the_delivered_change(values, round_):
+    """``server_lr`` = eta sends eta times the unscaled values at the same positions: the
+    delivered change of ``B A`` is eta times that of eta = 1 (one plain multiplication)."""
+    from fedsrd_core.state import init_state
+
+    state = init_state({"m": (30, 26)}, 6, seed=round_)
+    state["m"].B.normal_(generator=torch.Generator().manual_seed(1))
+    strategies = {
+        eta: get_strategy("fedsrd", {"download_values": values, "server_lr": eta})
+        for eta in (1.0, 2.5)
+    }
+    trained = local_training(state, strategies[1.0], 0)
+    ctx = RoundContext(round=round_, seed=4)
+    up = strategies[1.0].client_upload(state, trained, ctx)
+    uploads = [Upload(decode(encode(up)), 1)]
+    out = {eta: s.server_round(state, uploads, ctx) for eta, s in strategies.items()}
+    assert out[1.0].keys() == out[2.5].keys() and len(out[1.0]) == 1
+    for name in out[1.0]:
+        one, scaled = out[1.0][name], out[2.5][name]
+        assert torch.equal(one.positions(name), scaled.positions(name))
+        torch.testing.assert_close(scaled.values, one.values * 2.5, rtol=1e-6, atol=0)

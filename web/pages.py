@@ -281,6 +281,34 @@ def runs_live(request: Request, rt: RuntimeDep, session: SessionDep, page: Page 
     return render(request, "_runs_table.html", _runs_context(rt, page), session=session)
 
 
+@router.get("/compare")
+def compare_page(
+    request: Request,
+    rt: RuntimeDep,
+    session: SessionDep,
+    run: Annotated[list[Annotated[int, Query(ge=1, le=MAX_INT)]], Query()] = [],  # noqa: B006
+) -> Response:
+    """Several runs' eval loss against round and against MiB moved (``?run=1&run=2``)."""
+    ids = list(dict.fromkeys(run))  # in the order given, each once
+    if not 2 <= len(ids) <= views.MAX_COMPARED:
+        return error_page(
+            request,
+            422,
+            f"Pick 2 to {views.MAX_COMPARED} runs to compare (got {len(ids)}): tick them in "
+            "the runs list.",
+        )
+    compared = [
+        (runs_api.get_run(i, rt), runs_api.list_rounds(i, rt).data) for i in ids
+    ]  # 404 for an unknown run, as the API
+    charts, rows = views.compare(compared)
+    context = {
+        "charts": charts,
+        "rows": rows,
+        "json_urls": [f"/api/v1/runs/{i}/rounds" for i in ids],
+    }
+    return render(request, "compare.html", context, session=session)
+
+
 # -- launch a run ----------------------------------------------------------------------------
 def form_defaults() -> dict[str, Any]:
     """The launch form's initial values: the API's own defaults, so both agree."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.schemas import ClientPublic, RoundPublic, RunPublic
+from api.services.rounds import mean_eval_loss
 from web.charts import Chart, Series, chart
 
 MIB = float(1 << 20)
@@ -115,22 +116,66 @@ def timeline(rounds: list[RoundPublic], now: dt.datetime) -> list[TimelineRow]:
     return out[::-1]
 
 
-def _eval_loss(metrics: dict[str, Any]) -> float | None:
-    ev = metrics.get("eval")
-    if not isinstance(ev, dict) or not ev:
-        return None
-    losses = [float(v["loss"]) for v in ev.values() if isinstance(v, dict) and "loss" in v]
-    return sum(losses) / len(losses) if losses else None
+#: Line colours of the charts' series, in order (web/static/app.css).
+PALETTE = ("s1", "s2", "s3", "s4", "s5", "s6")
+#: Most runs one comparison shows (one colour each).
+MAX_COMPARED = len(PALETTE)
+
+
+def eval_losses(metrics: dict[str, Any], key: str = "eval") -> dict[str, float]:
+    """Eval loss per held-out set of one round's metrics (``key``: ``"eval"`` after the round,
+    ``"base_eval"`` for the base model, which round 1 carries); non-finite values left out."""
+    ev = metrics.get(key)
+    if not isinstance(ev, dict):
+        return {}
+    out = {}
+    for name, v in ev.items():
+        loss = v.get("loss") if isinstance(v, dict) else None
+        if isinstance(loss, int | float) and math.isfinite(loss):
+            out[str(name)] = float(loss)
+    return out
+
+
+def _mean(values: dict[str, float]) -> float | None:
+    return sum(values.values()) / len(values) if values else None
+
+
+_eval_loss = mean_eval_loss
+
+
+def base_eval(rounds: list[RoundPublic]) -> dict[str, float]:
+    """The base model's eval loss per held-out set (recorded with round 1's evaluation)."""
+    first = next((r for r in rounds if r.number == 1), None)
+    return eval_losses(first.metrics, "base_eval") if first is not None else {}
+
+
+def eval_curve(rounds: list[RoundPublic]) -> list[tuple[float, float | None]]:
+    """(round, mean eval loss) of every closed round, with the base model as round 0 when
+    its evaluation is recorded."""
+    base = _mean(base_eval(rounds))
+    head: list[tuple[float, float | None]] = [(0.0, base)] if base is not None else []
+    return head + [(float(r.number), _eval_loss(r.metrics)) for r in rounds if r.status == "closed"]
+
+
+def final_eval(rounds: list[RoundPublic]) -> float | None:
+    """Mean eval loss of the last closed round that has an evaluation."""
+    for r in reversed(rounds):
+        if r.status == "closed" and (loss := _eval_loss(r.metrics)) is not None:
+            return loss
+    return None
 
 
 def charts(rounds: list[RoundPublic]) -> list[Chart]:
-    """Loss, traffic per round, cumulative traffic against FedAvg, participants per round."""
+    """Loss, traffic per round, cumulative traffic against FedAvg, participants per round,
+    and (when the run evaluates) eval loss per held-out set."""
     closed = [r for r in rounds if r.status == "closed"]
     train = [(float(r.number), r.metrics.get("train_loss")) for r in closed]
-    evals = [(float(r.number), _eval_loss(r.metrics)) for r in closed]
+    evals = eval_curve(rounds)
     loss_series = [Series("train loss (clients' mean)", train, "s1")]
     if any(v is not None for _, v in evals):
-        loss_series.append(Series("eval loss (mean over held-out sets)", evals, "s2"))
+        loss_series.append(
+            Series("eval loss (mean over held-out sets; round 0: base model)", evals, "s2")
+        )
     with_traffic = [r for r in closed if r.traffic is not None]
     up = [(float(r.number), r.traffic["up"] / MIB) for r in with_traffic if r.traffic]
     down = [(float(r.number), r.traffic["down"] / MIB) for r in with_traffic if r.traffic]
@@ -145,8 +190,9 @@ def charts(rounds: list[RoundPublic]) -> list[Chart]:
         cum_actual.append((float(r.number), a))
         cum_fedavg.append((float(r.number), f))
     participants = [(float(r.number), float(len(r.uploaded))) for r in closed]
-    return [
+    out = [
         chart("Loss per round", loss_series, y_label="loss", zero=False),
+        # Log scale: a sparse strategy's lines sit an order of magnitude under FedAvg's.
         chart(
             "MiB per round",
             [
@@ -155,6 +201,7 @@ def charts(rounds: list[RoundPublic]) -> list[Chart]:
                 Series("FedAvg up + down", fedavg, "ref"),
             ],
             y_label="MiB",
+            log_y=True,
         ),
         chart(
             "Cumulative MiB",
@@ -168,6 +215,62 @@ def charts(rounds: list[RoundPublic]) -> list[Chart]:
             bars=True,
         ),
     ]
+    base = base_eval(rounds)
+    per_set = {name for r in closed for name in eval_losses(r.metrics)} | set(base)
+    if per_set:
+        series = []
+        for k, name in enumerate(sorted(per_set)):
+            points: list[tuple[float, float | None]] = [(0.0, base[name])] if name in base else []
+            points += [(float(r.number), eval_losses(r.metrics).get(name)) for r in closed]
+            series.append(Series(name, points, PALETTE[k % len(PALETTE)]))
+        out.append(
+            chart("Eval loss per held-out set (round 0: base model)", series, y_label="loss",
+                  zero=False)
+        )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One run of a comparison: its document, colour, final eval loss and MiB moved."""
+
+    run: RunPublic
+    css: str
+    final_eval: float | None
+    mib: float
+    label: str
+
+
+def compare(runs: list[tuple[RunPublic, list[RoundPublic]]]) -> tuple[list[Chart], list[Compared]]:
+    """Several runs on shared axes: mean eval loss against round and against the cumulative
+    MiB the run moved (uploads + downloads of all its clients), the base model at round 0 /
+    0 MiB: the product's argument (the same loss for fewer bytes) in one picture."""
+    by_round, by_mib, rows = [], [], []
+    for k, (run, rounds) in enumerate(runs):
+        css = PALETTE[k % len(PALETTE)]
+        label = f"run {run.id} · {run.strategy}" + (" (FedAvg)" if run.strategy == "fedavg" else "")
+        curve = eval_curve(rounds)
+        moved: dict[float, float] = {0.0: 0.0}
+        total = 0.0
+        for r in rounds:
+            if r.status == "closed" and r.traffic is not None:
+                total += (r.traffic["up"] + r.traffic["down"]) / MIB
+                moved[float(r.number)] = total
+        by_round.append(Series(label, curve, css))
+        by_mib.append(Series(label, [(moved[x], y) for x, y in curve if x in moved], css))
+        rows.append(Compared(run, css, final_eval(rounds), total, label))
+    charts_ = [
+        chart("Eval loss against round", by_round, y_label="eval loss", zero=False),
+        chart(
+            "Eval loss against cumulative MiB moved",
+            by_mib,
+            y_label="eval loss",
+            zero=False,
+            x_label="MiB (all clients, up + down)",
+            integer_x=False,
+        ),
+    ]
+    return charts_, rows
 
 
 @dataclass(frozen=True)

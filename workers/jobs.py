@@ -271,13 +271,24 @@ def evaluate_round(rt: Runtime, run_id: int, number: int) -> None:
         if rnd is None or rnd.status != "closed" or "eval" in rnd.metrics:
             return
         state = load_state(rt, run, number)
+        # With round 1, the base model too (the launch state, B = 0), so the loss charts
+        # start from what the federation improved on.
+        start = load_state(rt, run, 0) if number == 1 else None
         ev = run.config["evaluation"]
         seq_len = int(run.config["train"]["seq_len"])
         seed = int(run.config["seed"])
         with _model_lock, torch.no_grad():
             model, tokenizer = run_model(rt, run)
+
+            def evaluate() -> dict[str, Any]:
+                return evaluate_domains(
+                    model, tokenizer, ev["domains"], int(ev["examples"]), seed=seed, seq_len=seq_len
+                )
+
+            base = None
+            if start is not None:
+                state_to_peft(start, model)
+                base = evaluate()
             state_to_peft(state, model)
-            out = evaluate_domains(
-                model, tokenizer, ev["domains"], int(ev["examples"]), seed=seed, seq_len=seq_len
-            )
-    round_service.record_evaluation(rt, run_id, number, out)
+            out = evaluate()
+    round_service.record_evaluation(rt, run_id, number, out, base=base)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.blob_http import blob_response
+from api.blob_http import CountedResponse, blob_response
 from api.deps import AgentDep, RuntimeDep, bearer
 from api.errors import TooLarge
 from api.schemas import (
@@ -118,10 +118,14 @@ def download(request: Request, sha256: Sha, ident: AgentDep, rt: RuntimeDep) -> 
     client's update. A local store's file is sent as is; an S3 object is streamed through.
     Both carry ``ETag`` (the quoted SHA-256) and honour a single ``Range``."""
     size = agent_service.check_download(rt, ident, sha256)
-    with rt.single_statement() as ws:
-        client_service.add_bytes_down(ws, ident.client_id, size)
     headers = {"X-Content-SHA256": sha256, "Cache-Control": "private, immutable"}
-    return blob_response(rt.blobs, sha256, size, headers, request.headers)
+
+    def count(sent: int) -> None:
+        with rt.single_statement() as ws:
+            client_service.add_bytes_down(ws, ident.client_id, sent)
+
+    # The client's bytes_down grows by what was sent (a range, or a cut-off transfer).
+    return CountedResponse(blob_response(rt.blobs, sha256, size, headers, request.headers), count)
 
 
 @router.put("/rounds/{number}/update")
@@ -162,6 +166,7 @@ async def upload(
             sink.write,
             max_bytes=pre.size_cap,
             too_large=f"update exceeds this run's cap of {pre.size_cap} bytes",
+            limiter=request.app.state.upload_threads,
         )
         accepted = await run_in_threadpool(
             update_service.finish,

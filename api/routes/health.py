@@ -14,8 +14,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
+async def healthz() -> dict[str, str]:
+    """The process is up. On the event loop itself: it answers even when every thread of
+    the pool is busy."""
     return {"status": "ok"}
 
 

@@ -23,6 +23,7 @@ from api.schemas import (
     RunsPublic,
 )
 from api.services import clients as client_service
+from api.services import rounds as round_service
 from api.services import runs as run_service
 from api.services.rounds import round_traffic
 from api.services.states import lora_parameters
@@ -31,7 +32,7 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[AdminDep]
 RunId = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
-def run_public(run: Run, clients: int) -> RunPublic:
+def run_public(run: Run, clients: int, final_eval_loss: float | None = None) -> RunPublic:
     return RunPublic(
         id=run.id,
         name=run.name,
@@ -48,6 +49,7 @@ def run_public(run: Run, clients: int) -> RunPublic:
         bytes_down=run.bytes_down,
         fedavg_equivalent_bytes=run.fedavg_bytes,
         bytes_saved=run.fedavg_bytes - run.bytes_up - run.bytes_down,
+        final_eval_loss=final_eval_loss,
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
@@ -56,7 +58,11 @@ def run_public(run: Run, clients: int) -> RunPublic:
 
 
 def _one(rt: Runtime, run: Run) -> RunPublic:
-    return run_public(run, run_service.active_clients(rt, [run.id])[run.id])
+    return run_public(
+        run,
+        run_service.active_clients(rt, [run.id])[run.id],
+        round_service.final_eval_losses(rt, [run.id])[run.id],
+    )
 
 
 def client_public(c: Client, liveness: str) -> ClientPublic:
@@ -94,8 +100,10 @@ def list_runs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunsPublic:
     rows, count = run_service.list_runs(rt, offset, limit)
-    clients = run_service.active_clients(rt, [r.id for r in rows])
-    return RunsPublic(data=[run_public(r, clients[r.id]) for r in rows], count=count)
+    ids = [r.id for r in rows]
+    clients = run_service.active_clients(rt, ids)
+    evals = round_service.final_eval_losses(rt, ids)
+    return RunsPublic(data=[run_public(r, clients[r.id], evals[r.id]) for r in rows], count=count)
 
 
 @router.get("/{run_id}")
@@ -212,16 +220,23 @@ def export_adapter(
         if run.status == "created":
             raise Conflict(f"run {run_id} has not been launched; there is no adapter yet")
         raise NotFound(f"run {run_id} has no global state for round {number}")
+    from fedsrd_core.modeling import ModelLoadError
+
     state = load_state(rt, run, number)
     lora = run.config["lora"]
-    data = adapter_zip(
-        state,
-        base_model=run.base_model,
-        rank=int(lora["rank"]),
-        alpha=lora["alpha"],
-        dropout=float(lora["dropout"]),
-        target_modules=lora["target_modules"],
-    )
+    try:
+        # The base model as a loadable path ("tiny": the cached directory), so the adapter's
+        # base_model_name_or_path lets AutoPeftModelForCausalLM find it.
+        data = adapter_zip(
+            state,
+            base_model=run_service.resolve_model(rt, run.base_model),
+            rank=int(lora["rank"]),
+            alpha=lora["alpha"],
+            dropout=float(lora["dropout"]),
+            target_modules=lora["target_modules"],
+        )
+    except ModelLoadError as e:  # the model left this server since the run was created
+        raise Conflict(f"cannot export run {run_id}'s adapter: {e}") from e
     return Response(
         data,
         media_type="application/zip",

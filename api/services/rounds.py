@@ -12,6 +12,7 @@ and the aggregation task is sent only after that transaction commits.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 from typing import Any
 
@@ -318,7 +319,31 @@ def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:
         run.version = run.version + 1
 
 
-def record_evaluation(rt: Runtime, run_id: int, number: int, metrics: dict[str, Any]) -> None:
+def mean_eval_loss(metrics: dict[str, Any], key: str = "eval") -> float | None:
+    """Mean loss over the held-out sets of a round's ``metrics[key]`` (``{set: {"loss": x,
+    ...}}``, as :func:`record_evaluation` stores it); None without a finite one."""
+    ev = metrics.get(key)
+    if not isinstance(ev, dict):
+        return None
+    losses = [
+        float(v["loss"])
+        for v in ev.values()
+        if isinstance(v, dict)
+        and isinstance(v.get("loss"), int | float)
+        and math.isfinite(v["loss"])
+    ]
+    return sum(losses) / len(losses) if losses else None
+
+
+def record_evaluation(
+    rt: Runtime,
+    run_id: int,
+    number: int,
+    metrics: dict[str, Any],
+    base: dict[str, Any] | None = None,
+) -> None:
+    """Store the evaluation after round ``number``; ``base``: the base model's (round 0),
+    kept with round 1's metrics as ``base_eval``."""
     with rt.transaction() as tx:
         s = tx.session
         rnd = s.scalar(
@@ -326,7 +351,26 @@ def record_evaluation(rt: Runtime, run_id: int, number: int, metrics: dict[str, 
         )
         if rnd is None:
             return
-        rnd.metrics = {**rnd.metrics, "eval": json_finite(metrics)}
+        extra = {"base_eval": json_finite(base)} if base is not None else {}
+        # A JSON column: PostgreSQL refuses NaN (a diverged model's loss), SQLite keeps it.
+        rnd.metrics = {**rnd.metrics, "eval": json_finite(metrics), **extra}
+
+
+def final_eval_losses(rt: Runtime, run_ids: list[int]) -> dict[int, float | None]:
+    """Mean eval loss of each run's last evaluated round (None where none is): one query."""
+    out: dict[int, float | None] = dict.fromkeys(run_ids)
+    if not run_ids:
+        return out
+    with rt.sessions() as s:
+        rows = s.execute(
+            select(Round.run_id, Round.metrics)
+            .where(Round.run_id.in_(run_ids), Round.status == "closed")
+            .order_by(Round.run_id, Round.number.desc())
+        ).all()
+    for run_id, metrics in rows:
+        if out[run_id] is None:
+            out[run_id] = mean_eval_loss(metrics or {})
+    return out
 
 
 def sweep(rt: Runtime) -> int:

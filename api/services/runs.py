@@ -19,8 +19,10 @@ from api.services import audit
 from api.services import clients as client_service
 from api.services import rounds as round_service
 from api.services.states import layout_of, rank_of
+from fedsrd_core.data import shortest_seq_len
 from fedsrd_core.export import adapter_layout_for
-from fedsrd_core.modeling import ModelLoadError, fingerprint_directory
+from fedsrd_core.modeling import ModelLoadError, fingerprint_directory, load_tokenizer
+from fedsrd_core.peft_lora import LoraSettingError
 from fedsrd_core.snapshot import snapshot_pieces
 from fedsrd_core.state import init_state, state_digest
 
@@ -71,12 +73,30 @@ def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
     path = resolve_model(rt, body.model)
     try:
         layout = adapter_layout_for(
-            path, rank=body.lora.rank, target_modules=body.lora.target_modules
+            path,
+            rank=body.lora.rank,
+            target_modules=body.lora.target_modules,
+            dropout=body.lora.dropout,
         )
+        tokenizer = load_tokenizer(path)
     except (ModelLoadError, OSError) as e:  # OSError: e.g. a name too long for a path
         raise _unloadable(body.model, e) from e
+    except LoraSettingError as e:
+        raise InvalidInput({"field": f"lora.{e.setting}", "message": str(e)}) from e
     except ValueError as e:
         raise InvalidInput({"field": "lora.target_modules", "message": str(e)}) from e
+    # Every run trains and evaluates on prompts in the Alpaca template; a seq_len that cannot
+    # hold it would leave no response token to learn from, found only when a worker fails.
+    shortest = shortest_seq_len(tokenizer)
+    if body.train.seq_len < shortest:
+        raise InvalidInput(
+            {
+                "field": "train.seq_len",
+                "message": f"seq_len {body.train.seq_len} cannot hold the prompt template with "
+                f"{body.model!r}'s tokenizer: the smallest length that fits it and one response "
+                f"token is {shortest}",
+            }
+        )
     try:
         fingerprint = _fingerprint(path)
     except (ModelLoadError, OSError) as e:

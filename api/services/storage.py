@@ -5,7 +5,8 @@ What becomes garbage: the snapshots of rounds older than the newest
 ``FEDSRD_KEEP_SNAPSHOTS`` (:func:`api.services.rounds.prunable_snapshots`), client updates
 of rounds older than the newest ``FEDSRD_KEEP_UPLOADS`` (none kept by default:
 :func:`api.services.updates.release_uploads`), an upload refused
-after its blob was stored (its round closed while it streamed in), and the blobs of an
+after its blob was stored (its round closed while it streamed in, or another upload of its
+client won), where the upload could not remove it itself, and the blobs of an
 aggregation that crashed before its row was written. A blob is shared by every row naming
 the same content (identical runs produce identical snapshots), so it goes only when no row
 of any run names it.

@@ -14,6 +14,9 @@ the closing rule; the aggregation task is sent after commit.
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -28,9 +31,12 @@ from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime
 from api.services import clients as client_service
 from api.services import rounds as round_service
+from api.services import storage
 from api.services.states import upload_shapes, upload_size_cap, value_dtype_of
 from fedsrd_core.codec import EntryInfo, StreamValidator, WireFormatError
 from fedsrd_core.finite import finite_or_none
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -277,8 +283,53 @@ def finish(
 ) -> Accepted:
     """The end of a streamed upload, in one trip to the thread pool: commit the blob
     (:meth:`UploadSink.commit`), then record it (:func:`record`)."""
-    ref = sink.commit(sha256)
-    return record(rt, client_id, number, base_round, num_samples, ref, train_loss)
+    return _store_and_record(
+        rt, sha256, lambda: sink.commit(sha256), client_id, number, base_round, num_samples,
+        train_loss,
+    )  # fmt: skip
+
+
+def _store_and_record(
+    rt: Runtime,
+    sha256: str,
+    commit: Callable[[], BlobRef],
+    client_id: int,
+    number: int,
+    base_round: int,
+    num_samples: int,
+    train_loss: float | None,
+) -> Accepted:
+    """``commit()`` the blob, then :func:`record` it; if the record is refused (a
+    concurrent upload of the same client for the same round won, the round closed while
+    the blob streamed in), remove the blob this call stored at once instead of leaving it
+    to garbage collection's grace period: an update can leak training data, and a client
+    can send many. Only a blob this call created is removed, and only if no row names it
+    and no writer stored it again since (:meth:`BlobStore.collect` decides under the same
+    rule as garbage collection); a store that cannot collect safely (S3 without
+    versioning) leaves it to the collector."""
+    store = rt.blobs
+    fresh = store.can_collect() and not store.exists(sha256)
+    ref = commit()
+    stored_until = time.time()
+    try:
+        return record(rt, client_id, number, base_round, num_samples, ref, train_loss)
+    except BaseException:
+        if fresh:
+            _discard_unnamed(rt, ref.sha256, stored_until)
+        raise
+
+
+def _discard_unnamed(rt: Runtime, sha256: str, stored_until: float) -> None:
+    def still_needed(stored_at: float) -> bool:
+        if stored_at > stored_until:
+            return True  # stored again since: a writer of the same content is in flight
+        with rt.sessions() as s:
+            return storage.is_named(s, sha256)
+
+    try:
+        rt.blobs.collect(sha256, still_needed)
+    except Exception:  # the refusal matters to the client; the collector gets it later
+        log.warning("could not remove refused upload blob %s", sha256, exc_info=True)
 
 
 def record(
@@ -345,5 +396,7 @@ def submit_bytes(
         return pre.existing
     if len(data) > pre.size_cap:
         raise TooLarge(f"update of {len(data)} bytes exceeds this run's cap of {pre.size_cap}")
-    ref = store(rt, pre.run, data, sha)
-    return record(rt, client_id, number, base_round, num_samples, ref, train_loss)
+    return _store_and_record(
+        rt, sha, lambda: store(rt, pre.run, data, sha), client_id, number, base_round,
+        num_samples, train_loss,
+    )  # fmt: skip

@@ -21,6 +21,7 @@ from fedsrd_core.data.template import (
     HEADER_WITH_INPUT,
     format_prompt,
     prompt_and_response,
+    shortest_seq_len,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "partition_iid",
     "prompt_and_response",
     "save_jsonl",
+    "shortest_seq_len",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedsrd_core.data.examples import Example
 
 # The two headers of the Alpaca template, verbatim. The prompt is assembled by concatenation
@@ -39,3 +41,15 @@ def prompt_and_response(ex: Example) -> tuple[str, str]:
     if ex.is_plain_text:
         return "", ex.output
     return format_prompt(ex.instruction, ex.input), ex.output
+
+
+def shortest_seq_len(tokenizer: Any) -> int:
+    """The smallest ``seq_len`` that holds the template and one response token.
+
+    That is the tokens of the no-input prompt with an empty instruction, tokenised as
+    training tokenises prompts (no special tokens), plus one: with less, truncation leaves no
+    response token of any instruction example to train or evaluate on. ``tokenizer`` is a
+    Hugging Face tokenizer (this package imports none).
+    """
+    ids = tokenizer(format_prompt("", ""), add_special_tokens=False)["input_ids"]
+    return len(ids) + 1

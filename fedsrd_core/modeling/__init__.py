@@ -15,6 +15,7 @@ from fedsrd_core.modeling.loading import (
     default_device,
     fingerprint_directory,
     load_causal_lm,
+    load_tokenizer,
     model_fingerprint,
     torch_dtype,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "default_device",
     "fingerprint_directory",
     "load_causal_lm",
+    "load_tokenizer",
     "model_fingerprint",
     "pretrain_tiny",
     "tiny_model_dir",

@@ -39,6 +39,7 @@ __all__ = [
     "default_device",
     "fingerprint_directory",
     "load_causal_lm",
+    "load_tokenizer",
     "model_fingerprint",
     "torch_dtype",
 ]
@@ -237,6 +238,22 @@ def load_causal_lm(
     resolved_device = _resolve_device(device)
     location = _locate(name_or_path, allow_download)
     model = _load_model(name_or_path, location, resolved_dtype, resolved_device, allow_download)
+    return model, _load_tokenizer(name_or_path, location, allow_download)
+
+
+def load_tokenizer(name_or_path: str, *, allow_download: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a causal LM, as :func:`load_causal_lm` returns it (no weights loaded).
+
+    Raises:
+        ModelLoadError: as :func:`load_causal_lm`, for the tokenizer.
+    """
+    location = _locate(name_or_path, allow_download)
+    return _load_tokenizer(name_or_path, location, allow_download)
+
+
+def _load_tokenizer(
+    name_or_path: str, location: str, allow_download: bool
+) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=not allow_download)
     except (OSError, ValueError, KeyError) as e:
@@ -252,7 +269,7 @@ def load_causal_lm(
                 f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def _canonical_config(value: Any) -> Any:

@@ -227,6 +227,19 @@ class Strategy(ABC):
                 dBs.append(_dense(u.tensors.get(module + B_SUFFIX), f.B))
             yield module, dAs, dBs
 
+    @staticmethod
+    def module_entries(
+        state: GlobalState, uploads: Sequence[Upload]
+    ) -> Iterator[tuple[str, list[WireTensor | None], list[WireTensor | None]]]:
+        """Per module, in order: every upload's ``dA_i`` and ``dB_i`` entries as they are on
+        the wire (sparse stays sparse; None where an upload does not carry the factor).
+
+        Only one module's entries are decoded at a time (from lazily decoded uploads)."""
+        for module in state:
+            dAs = [u.tensors.get(module + A_SUFFIX) for u in uploads]
+            dBs = [u.tensors.get(module + B_SUFFIX) for u in uploads]
+            yield module, dAs, dBs
+
 
 def _dense(t: WireTensor | None, like: torch.Tensor) -> torch.Tensor:
     if t is None:

@@ -27,12 +27,13 @@ import torch
 
 from fedsrd_core.aggregate import (
     ModuleTarget,
+    TargetOperator,
     average_factors,
-    module_target,
     one_factor_solve,
     truncated_factors,
     update_parity,
 )
+from fedsrd_core.aggregate_sparse import sparse_module_target
 from fedsrd_core.codec import SeededSparse, ValueDType, quantize
 from fedsrd_core.fit import masked_least_squares
 from fedsrd_core.masks import keep_threshold, seeded_mask
@@ -53,6 +54,8 @@ from fedsrd_core.strategies.base import (
 
 ServerMode = Literal["alternating", "svd", "average"]
 DownloadValues = Literal["dare", "fit"]
+#: Upper bound of ``server_lr``: far above anything useful, low enough to refuse typos.
+MAX_SERVER_LR = 16.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ class FedSRDConfig(StrategyConfig):
             Not in the paper: without it the alternating updates let the factor norms drift
             apart and local training diverges from round 3 in our simulations (README).
             ``B A`` is unchanged bit for bit; False reproduces the paper.
+        server_lr: server step size ``eta`` (beyond the paper, which uses 1): the download
+            delivers ``eta`` times the fitted (or DARE) solve, as a server learning rate in
+            adaptive federated optimisation (Reddi et al., ICLR 2021). With fitted values a
+            round delivers only a fraction of the target, so steps above 1 are safe.
         weighting: ``"uniform"`` (paper) or ``"samples"``.
 
     ``fedsrd-paper`` is the paper's method exactly as published, for reproduction:
@@ -88,6 +95,7 @@ class FedSRDConfig(StrategyConfig):
     server: ServerMode = "alternating"
     rebalance: bool = True
     download_values: DownloadValues = "fit"
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,6 +109,14 @@ class FedSRDConfig(StrategyConfig):
         if self.download_values not in ("dare", "fit"):
             raise ValueError(
                 f"`download_values` must be 'dare' or 'fit', got {self.download_values!r}"
+            )
+        if (
+            isinstance(self.server_lr, bool)
+            or not isinstance(self.server_lr, (int, float))
+            or not 0.0 < self.server_lr <= MAX_SERVER_LR
+        ):
+            raise ValueError(
+                f"`server_lr` must be a number in (0, {MAX_SERVER_LR:g}], got {self.server_lr!r}"
             )
         if self.server not in ("alternating", "svd", "average"):
             raise ValueError(
@@ -116,14 +132,16 @@ def dare_download(
     round_: int,
     drop: float,
     value_dtype: ValueDType,
+    scale: float = 1.0,
 ) -> SeededSparse:
     """DARE on a global update: keep each entry with probability ``1 - drop``, scale by
-    ``1 / (1 - drop)``. The keep mask is :func:`fedsrd_core.masks.seeded_mask` of
-    ``(seed, round, name)``, so the blob carries values only."""
+    ``scale / (1 - drop)`` (``scale``: the server step, 1 in the paper). The keep mask is
+    :func:`fedsrd_core.masks.seeded_mask` of ``(seed, round, name)``, so the blob carries
+    values only."""
     thr = keep_threshold(1.0 - drop)
     mask = seeded_mask(seed, round_, name, tuple(delta.shape), thr, device=delta.device)
     positions = torch.nonzero(mask.reshape(-1)).view(-1)
-    values = delta.reshape(-1)[positions] * (1.0 / (1.0 - drop))
+    values = delta.reshape(-1)[positions] * (scale / (1.0 - drop))
     return SeededSparse(
         tuple(delta.shape),
         seed,
@@ -135,7 +153,7 @@ def dare_download(
 
 
 def fitted_download(
-    target: ModuleTarget,
+    target: ModuleTarget | TargetOperator,
     A: torch.Tensor,
     B: torch.Tensor,
     which: str,
@@ -145,6 +163,7 @@ def fitted_download(
     round_: int,
     drop: float,
     value_dtype: ValueDType,
+    scale: float = 1.0,
 ) -> SeededSparse:
     """The download's values fitted to the target on the seeded mask (beyond the paper).
 
@@ -158,7 +177,8 @@ def fitted_download(
 
     (:func:`fedsrd_core.fit.masked_least_squares`). ``T`` (``d_out x d_in``) is never formed:
     ``C`` comes from the target's thin operator. The delivered change is the projection of
-    ``T`` onto what the mask can express, so it is never larger than ``T``.
+    ``T`` onto what the mask can express, so it is never larger than ``T``; ``scale`` (the
+    server step ``eta``) multiplies it: the values fit ``eta T``.
     """
     shape = (B.shape[0], A.shape[0]) if which == "B" else (A.shape[0], A.shape[1])
     thr = keep_threshold(1.0 - drop)
@@ -179,7 +199,7 @@ def fitted_download(
         seed,
         round_,
         thr,
-        quantize(values.reshape(-1)[positions], value_dtype),
+        quantize(values.reshape(-1)[positions] * scale, value_dtype),
         known_positions=(name, positions),
     )
 
@@ -216,10 +236,11 @@ class FedSRD(Strategy):
         w = self.weights(uploads)
         cfg = self.config
         out: dict[str, DeltaTensor] = {}
-        for module, dAs, dBs in self.module_updates(state, uploads):
-            f = state[module]
-            if cfg.server == "alternating":
-                target = module_target(f.A, f.B, dAs, dBs, w, truncate=cfg.truncate)
+        if cfg.server == "alternating":
+            # The uploads' entries as they are: the sparse server math never densifies them.
+            for module, eAs, eBs in self.module_entries(state, uploads):
+                f = state[module]
+                target = sparse_module_target(f.A, f.B, eAs, eBs, w, truncate=cfg.truncate)
                 which = update_parity(ctx.round)
                 name = module + (A_SUFFIX if which == "A" else B_SUFFIX)
                 if cfg.download_values == "fit":
@@ -233,6 +254,7 @@ class FedSRD(Strategy):
                         round_=ctx.round,
                         drop=cfg.download_drop,
                         value_dtype=ctx.value_dtype,
+                        scale=cfg.server_lr,
                     )
                     continue
                 _, delta = one_factor_solve(target, f.A, f.B, round_=ctx.round)
@@ -243,8 +265,11 @@ class FedSRD(Strategy):
                     round_=ctx.round,
                     drop=cfg.download_drop,
                     value_dtype=ctx.value_dtype,
+                    scale=cfg.server_lr,
                 )
-                continue
+            return out
+        for module, dAs, dBs in self.module_updates(state, uploads):
+            f = state[module]
             if cfg.server == "svd":
                 A_new, B_new = truncated_factors(f.A, f.B, dAs, dBs, w)
                 dA, dB = A_new - f.A, B_new - f.B

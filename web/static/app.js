@@ -28,6 +28,12 @@
       tpl.innerHTML = html.trim();
       var fresh = tpl.content.firstElementChild;
       if (!fresh || !document.body.contains(el)) return;
+      // Ticked boxes marked data-keep (the runs to compare) survive the refresh.
+      el.querySelectorAll("input[data-keep]:checked").forEach(function (old) {
+        fresh.querySelectorAll("input[data-keep]").forEach(function (box) {
+          if (box.name === old.name && box.value === old.value) box.checked = true;
+        });
+      });
       fresh.dataset.liveRefreshes = String(Number(el.dataset.liveRefreshes || 0) + 1);
       el.replaceWith(fresh);
       schedule(fresh);
