@@ -41,6 +41,7 @@ import httpx
 
 from agent.client import AgentClient, RetryBudgetExceededError, ServerError
 from agent.state import Pending, StateDir
+from fedsrd_core.finite import json_finite
 
 log = logging.getLogger("fedsrd-agent")
 ENV_PREFIX = "FEDSRD_AGENT_"
@@ -135,7 +136,8 @@ class _JsonFormatter(logging.Formatter):
         doc = {"time": round(record.created, 3), "level": record.levelname.lower()}
         doc["message"] = record.getMessage()
         doc.update(getattr(record, "fields", {}))
-        return json.dumps(doc)
+        # A diverged loss is logged as null: ``NaN`` is not JSON, and log shippers refuse it.
+        return json.dumps(json_finite(doc))
 
 
 class _TextFormatter(logging.Formatter):

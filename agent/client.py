@@ -12,12 +12,17 @@ network may drop a connection more often than it can carry one that long.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+
+from fedsrd_core.finite import finite_or_none, json_finite
+
+log = logging.getLogger(__name__)
 
 
 class ServerError(Exception):
@@ -261,7 +266,9 @@ class AgentClient:
         train_loss: float | None = None,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"base_round": base_round, "num_samples": num_samples}
-        if train_loss is not None:
+        # A loss that is not finite is missing (the server refuses NaN: the upload would
+        # be a 422, and retried after a restart, for ever).
+        if finite_or_none(train_loss) is not None:
             params["train_loss"] = train_loss
         result: dict[str, Any] = self._request(
             "PUT",
@@ -275,8 +282,18 @@ class AgentClient:
         ).json()
         return result
 
-    def heartbeat(self, round_number: int, step: int, **extra: Any) -> None:
-        self._request("POST", "/heartbeat", json={"round": round_number, "step": step, **extra})
+    def heartbeat(self, round_number: int, step: int, **extra: Any) -> bool:
+        """Report progress (retried like any request while the server is away). A heartbeat
+        only says the client is alive, so it never ends the agent: a number that is not
+        finite is left out (httpx cannot even encode one), and a refusal is logged and
+        ignored (a revoked client learns it from its next poll or upload). Returns whether
+        the server took it."""
+        try:
+            self._request("POST", "/heartbeat", json=_progress_body(round_number, step, extra))
+        except ServerError as e:
+            log.warning("heartbeat for round %d refused: %s", round_number, e)
+            return False
+        return True
 
     def report_progress(self, round_number: int, step: int, **extra: Any) -> bool:
         """A heartbeat sent once, without retries and with a short timeout: progress during
@@ -287,9 +304,15 @@ class AgentClient:
                 "POST",
                 self.prefix + "/heartbeat",
                 headers=self.headers,
-                json={"round": round_number, "step": step, **extra},
+                json=_progress_body(round_number, step, extra),
                 timeout=5.0,
             )
         except httpx.TransportError:
             return False
         return r.status_code < 400
+
+
+def _progress_body(round_number: int, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """A heartbeat's JSON body: ``extra`` without its missing or non-finite values."""
+    kept = {k: v for k, v in json_finite(extra).items() if v is not None}
+    return {"round": round_number, "step": step, **kept}

@@ -8,7 +8,6 @@ did, and every step is checked against the digest the server published.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,8 +168,8 @@ class Participant:
         assert self.state is not None
         assert self.have_round == base
         blob, loss = self.train_round(number, on_step=self._progress(number))
-        finite = {"loss": loss} if math.isfinite(loss) else {}  # the server takes no NaN
-        self.client.heartbeat(number, self.train.steps, steps=self.train.steps, **finite)
+        # A loss that is None (not finite) is left out of both: never sent as NaN.
+        self.client.heartbeat(number, self.train.steps, steps=self.train.steps, loss=loss)
         self.client.upload(number, base, blob, num_samples=len(self.data), train_loss=loss)
         self.rounds_trained.append(number)
         return "trained"
@@ -181,16 +180,16 @@ class Participant:
         def report(step: int, loss: float) -> None:
             if step >= self.train.steps:
                 return  # the last step is reported by the heartbeat after training
-            extra = {"loss": loss} if math.isfinite(loss) else {}
-            self.client.report_progress(number, step, steps=self.train.steps, **extra)
+            self.client.report_progress(number, step, steps=self.train.steps, loss=loss)
 
         return throttled(report, self.progress_interval)
 
     def train_round(
         self, number: int, on_step: Callable[[int, float], None] | None = None
-    ) -> tuple[bytes, float]:
+    ) -> tuple[bytes, float | None]:
         """Train round ``number`` from the current global state and return the encoded
-        upload and the mean training loss (the same local round simulated clients run)."""
+        upload and the mean training loss, None if it was not finite (the same local round
+        simulated clients run)."""
         assert self.state is not None
         run_seed, client_id = int(self.info["seed"]), int(self.info["client_id"])
         train_seed, upload_seed = client_seeds(run_seed, number, client_id)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsrd_core.finite import finite_or_none, json_finite
 from fedsrd_core.snapshot import decode_snapshot, snapshot_pieces
 from fedsrd_core.state import GlobalState, state_digest
 
@@ -85,6 +86,10 @@ class StateDir:
         if raw.get("run_id") != run_id or raw.get("client_id") != client_id:
             return fresh, None
         pending = raw.pop("pending", None)
+        if pending:
+            # An older agent saved a diverged loss as NaN, which the server refuses: re-sent
+            # after every restart, that upload could never be delivered. Missing instead.
+            pending["train_loss"] = finite_or_none(pending.get("train_loss"))
         st = AgentState(**raw, pending=Pending(**pending) if pending else None)
         factors = None
         blob = self.path / "state.blob"
@@ -100,7 +105,8 @@ class StateDir:
         """Persist; ``factors`` (if given) is the global state of ``st.have_round``."""
         if factors is not None:
             _atomic_write(self.path / "state.blob", snapshot_pieces(factors))
-        _atomic_write(self._json, [json.dumps(asdict(st), indent=1).encode()])
+        doc = json_finite(asdict(st))  # never a NaN in the file (see load)
+        _atomic_write(self._json, [json.dumps(doc, indent=1, allow_nan=False).encode()])
 
     def save_pending(self, blob: bytes) -> None:
         _atomic_write(self.path / "pending.blob", [blob])

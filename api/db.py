@@ -12,9 +12,21 @@ from sqlalchemy.orm import Session, sessionmaker
 WRITE_OPTION = "fedsrd_write"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    connect_timeout_s: int | None = None,
+    statement_timeout_s: float | None = None,
+    **kwargs: Any,
+) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout, because the
-    API and the worker are separate processes writing the same file."""
+    API and the worker are separate processes writing the same file.
+
+    PostgreSQL gets ``connect_timeout_s`` (libpq's ``connect_timeout``: a server that
+    accepts the TCP connection and then says nothing no longer holds a thread for ever) and
+    ``statement_timeout_s`` (the server cancels any statement, lock waits included, that runs
+    longer; 0 or None: no limit), both sent when each connection opens. Migrations build
+    their engine without them: an index build may rightly take long."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -48,7 +60,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # PostgreSQL a third of a core at 200 polls/s.
     kwargs.setdefault("pool_size", 40)
     kwargs.setdefault("max_overflow", 10)
-    return create_engine(url, **kwargs)
+    connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
+    if connect_timeout_s:
+        connect_args["connect_timeout"] = int(connect_timeout_s)
+    if statement_timeout_s:
+        # In the startup packet: no extra round trip per connection, and every statement of
+        # every session (autocommit reads included) is covered.
+        ms = max(1, round(statement_timeout_s * 1000))
+        connect_args["options"] = f"-c statement_timeout={ms}"
+    return create_engine(url, connect_args=connect_args, **kwargs)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -86,7 +86,11 @@ class Runtime:
 
 def make_runtime(settings: Settings, dispatcher: Dispatcher | None = None) -> Runtime:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(
+        settings.resolved_database_url,
+        connect_timeout_s=settings.database_connect_timeout_s,
+        statement_timeout_s=settings.database_statement_timeout_s,
+    )
     rt = Runtime(
         settings=settings,
         engine=engine,

@@ -14,23 +14,34 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedsrd_core.data import DOMAINS, OOD_DOMAINS
+from fedsrd_core.finite import non_finite_paths
 from fedsrd_core.strategies import available_strategies, get_strategy
 from fedsrd_core.training import TrainConfig
 
 #: Largest id, round or count the API takes: PostgreSQL INTEGER (and SQLite) hold it.
 MAX_INT = 2**31 - 1
+#: Longest duration a run's settings take (seconds; 30 days): far beyond any real deadline or
+#: silence, and well inside what ``datetime.timedelta`` and the databases' timestamps hold.
+MAX_DURATION_S = 30 * 86400
+#: Most clients a run's counts (``clients_per_round``, ``quorum``) may name.
+MAX_CLIENTS = 100_000
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _ALL_DOMAINS = (*DOMAINS, *OOD_DOMAINS)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every request document: unknown fields are refused, and so is every non-finite number
+    in any float field (``NaN``, ``Infinity``: not JSON, but parsers take them). PostgreSQL's
+    JSON refuses them, SQLite would store them, and no setting means anything at infinity.
+    ``tests/test_finite_numbers.py`` walks every request schema to keep it so."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraSettings(Strict):
     rank: int = Field(default=8, ge=1, le=1024)
     #: Defaults to 2 x rank (the paper).
-    alpha: int | None = Field(default=None, ge=1)
+    alpha: int | None = Field(default=None, ge=1, le=1_000_000)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = "all-linear"
 
@@ -107,24 +118,34 @@ class RunCreate(Strict):
     strategy_config: dict[str, Any] = Field(default_factory=dict)
     rounds: int = Field(default=5, ge=1, le=100_000)
     #: Clients selected per round (seeded sample); None: every active client.
-    clients_per_round: int | None = Field(default=None, ge=1)
+    clients_per_round: int | None = Field(default=None, ge=1, le=MAX_CLIENTS)
     #: Fewest updates a round may be aggregated with once its deadline passes.
-    quorum: int = Field(default=1, ge=1)
-    round_deadline_s: float = Field(default=600.0, gt=0.0, le=30 * 86400)
+    quorum: int = Field(default=1, ge=1, le=MAX_CLIENTS)
+    round_deadline_s: float = Field(default=600.0, gt=0.0, le=MAX_DURATION_S)
     #: At the deadline below quorum: extend the deadline by ``round_deadline_s``, or fail.
     below_quorum: Literal["extend", "fail"] = "extend"
     #: A client silent (no poll, heartbeat or upload) this long counts as gone: a round
     #: with quorum closes without waiting for gone clients.
-    client_timeout_s: float = Field(default=300.0, gt=0.0)
+    client_timeout_s: float = Field(default=300.0, gt=0.0, le=MAX_DURATION_S)
     #: Round 1 counts no missing client as gone for this long (sites are still starting
     #: agents and loading models): it closes early only when every expected client uploaded.
     #: None: until round 1's deadline.
-    start_grace_s: float | None = Field(default=None, gt=0.0, le=30 * 86400)
+    start_grace_s: float | None = Field(default=None, gt=0.0, le=MAX_DURATION_S)
     train: TrainSettings = Field(default_factory=TrainSettings)
     value_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = Field(default=0, ge=0, lt=2**63)
     simulation: SimulationSettings | None = None
     evaluation: EvaluationSettings | None = None
+
+    @field_validator("strategy_config")
+    @classmethod
+    def _finite_strategy_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Free-form (each strategy's dataclass checks its own keys), so the model's
+        # ``allow_inf_nan=False`` does not reach inside: check every number here.
+        bad = non_finite_paths(v)
+        if bad:
+            raise ValueError(f"non-finite number(s) at {', '.join(bad)}; numbers must be finite")
+        return v
 
     @field_validator("strategy")
     @classmethod
@@ -335,18 +356,13 @@ class PollResponse(BaseModel):
 
 
 class HeartbeatIn(Strict):
-    round: int = Field(ge=1)
-    step: int = Field(ge=0)
-    steps: int | None = Field(default=None, ge=1)
+    """Local training progress; a loss the agent could not compute is left out, never NaN."""
+
+    round: int = Field(ge=1, le=MAX_INT)
+    step: int = Field(ge=0, le=MAX_INT)
+    steps: int | None = Field(default=None, ge=1, le=MAX_INT)
     loss: float | None = None
     samples_per_second: float | None = Field(default=None, ge=0.0)
-
-    @field_validator("loss")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not (v == v and abs(v) != float("inf")):
-            raise ValueError("loss must be a finite number")
-        return v
 
 
 class UpdateAccepted(BaseModel):

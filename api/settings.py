@@ -23,12 +23,21 @@ _PLACEHOLDERS = {"", "changeme", "change-me", "admin", "secret", "password"}
 class Settings(BaseSettings):
     """Control-plane configuration; every field can be set as ``FEDSRD_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="FEDSRD_", extra="ignore")
+    # No NaN or Infinity from the environment either: every interval and limit is finite.
+    model_config = SettingsConfigDict(env_prefix="FEDSRD_", extra="ignore", allow_inf_nan=False)
 
     environment: Literal["development", "production"] = "development"
     data_dir: Path = Path("var")
     #: SQLAlchemy URL; empty means SQLite at ``data_dir/fedsrd.db``.
     database_url: str = ""
+    #: PostgreSQL: seconds to wait for a new connection (libpq ``connect_timeout``): a
+    #: database host that accepts and then hangs fails a request instead of holding a
+    #: thread for ever. libpq treats values below 2 as 2.
+    database_connect_timeout_s: int = Field(default=10, ge=1, le=3600)
+    #: PostgreSQL: the server cancels a statement (lock waits included) that runs longer
+    #: (seconds; 0: no limit). Far above any statement the API or a worker makes; what it
+    #: catches is a statement stuck behind a lock someone forgot.
+    database_statement_timeout_s: float = Field(default=60.0, ge=0.0, le=86400.0)
     #: Blob store URL: ``file:///path`` or a path (empty means ``data_dir/blobs``), or
     #: ``s3://bucket/optional/prefix`` for an S3-compatible bucket shared by API and workers
     #: on several machines (credentials: the standard AWS environment or credential chain).

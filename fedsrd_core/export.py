@@ -124,7 +124,8 @@ def _meta_model(name_or_path: str, *, allow_download: bool) -> PreTrainedModel:
             model = AutoModelForCausalLM.from_config(model_config)  # type: ignore[no-untyped-call]
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:
         raise ModelLoadError(
-            f"cannot build {name_or_path!r} ({type(model_config).__name__}) from its config: {e}"
+            f"cannot build {name_or_path!r} ({type(model_config).__name__}) from its config: {e}",
+            reason=f"it cannot be built from its config ({type(model_config).__name__})",
         ) from e
     if not isinstance(model, PreTrainedModel):  # pragma: no cover - transformers' contract
         raise ModelLoadError(f"{name_or_path!r} did not build as a PreTrainedModel")

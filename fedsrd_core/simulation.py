@@ -97,7 +97,8 @@ class RoundRecord:
     dropped: list[int]
     bytes_up: dict[int, int]
     bytes_down: int
-    train_loss: dict[int, float]
+    #: None for a client whose training loss was not finite (see RoundStats.mean_loss)
+    train_loss: dict[int, float | None]
     eval: dict[str, dict[str, float]]
     seconds: dict[str, float]
     digest: str
@@ -201,7 +202,7 @@ def simulate(
         secs = {"local_training": 0.0, "sparsify_encode": 0.0, "server_step": 0.0}
         uploads: list[Upload] = []
         bytes_up: dict[int, int] = {}
-        losses: dict[int, float] = {}
+        losses: dict[int, float | None] = {}
         for c in participants:
             if progress:
                 progress(f"round {t}/{config.rounds}: client {c}")
@@ -296,9 +297,9 @@ def markdown_report(result: SimulationResult) -> str:
         lines.append("| " + " | ".join([*base, "", "", ""]) + " |")
     for r in result.rounds:
         up = sum(r.bytes_up.values()) / max(len(r.bytes_up), 1) / 1024
-        tl = sum(r.train_loss.values()) / max(len(r.train_loss), 1)
+        finite = [x for x in r.train_loss.values() if x is not None]
         row = [str(r.round), str(len(r.participants)), f"{up:.1f}", f"{r.bytes_down / 1024:.1f}"]
-        row.append(f"{tl:.3f}")
+        row.append(f"{sum(finite) / len(finite):.3f}" if finite else "n/a")
         row += [f"{r.eval[n]['loss']:.3f}" for n in eval_names]
         row += [
             f"{r.seconds['local_training']:.2f}",

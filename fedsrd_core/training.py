@@ -32,7 +32,8 @@ class TrainConfig:
         steps: optimizer steps per round.
         batch_size: sequences per micro-batch.
         grad_accum: micro-batches per optimizer step.
-        seq_len: maximum tokens per sequence (prompt + response + EOS), truncated at the end.
+        seq_len: maximum tokens per sequence (prompt + response + EOS); a longer example
+            loses the start of its prompt (:func:`tokenize`).
         lr: constant learning rate of AdamW.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping (None: no clipping).
@@ -68,21 +69,46 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    #: Whether the prompt (or, for a response longer than the window, the response) was cut
+    #: to fit ``seq_len``.
+    truncated: bool = False
+
+    @property
+    def scored_tokens(self) -> int:
+        """Labels a causal LM's loss counts: it predicts token ``i`` from the tokens before
+        it, so a label at position 0 is never scored."""
+        return sum(1 for lab in self.labels[1:] if lab != IGNORE_INDEX)
 
 
 def tokenize(
     example: Example, tokenizer: PreTrainedTokenizerBase, seq_len: int
 ) -> TokenizedExample:
-    """Tokenise with the Alpaca template; only the response and EOS carry labels."""
+    """Tokenise with the Alpaca template; only the response and EOS carry labels.
+
+    A sequence longer than ``seq_len`` loses the *start of its prompt*: the response and EOS
+    stay whole, after the prompt's last tokens (the instruction's end, the input, the
+    ``### Response:`` header), which is what the loss needs. Cutting at the end instead would
+    drop the response, and a batch of such examples has no label at all: a loss of 0/0, NaN.
+    A response that does not fit on its own keeps the prompt's last ``min(len(prompt),
+    seq_len // 2)`` tokens and its own beginning (its end is cut).
+    """
+    if seq_len < 2:
+        raise ValueError(f"`seq_len` must be >= 2 (one to predict from, one to score): {seq_len}")
     prompt, response = prompt_and_response(example)
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token")
-    ids = (list(p_ids) + list(r_ids) + [int(eos)])[:seq_len]
-    labels = ([IGNORE_INDEX] * len(p_ids) + list(r_ids) + [int(eos)])[:seq_len]
-    return TokenizedExample(ids, labels)
+    target = [*tokenizer(response, add_special_tokens=False)["input_ids"], int(eos)]
+    truncated = len(p_ids) + len(target) > seq_len
+    if truncated:
+        if len(target) <= seq_len:
+            keep = seq_len - len(target)
+        else:
+            keep = min(len(p_ids), seq_len // 2)
+            target = target[: seq_len - keep]
+        p_ids = p_ids[len(p_ids) - keep :]  # the last ``keep`` (none when keep == 0)
+    return TokenizedExample(p_ids + target, [IGNORE_INDEX] * len(p_ids) + target, truncated)
 
 
 def collate(
@@ -126,15 +152,24 @@ def throttled(
 
 @dataclass
 class RoundStats:
-    """What a local round reports: loss per optimizer step, samples, wall time."""
+    """What a local round reports: loss per optimizer step, samples, wall time, and how
+    many local examples had to be cut to ``seq_len`` (``truncated``) or were left out for
+    having no response token to score at all (``skipped``)."""
 
     losses: list[float] = field(default_factory=list)
     samples: int = 0
     seconds: float = 0.0
+    truncated: int = 0
+    skipped: int = 0
 
     @property
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+    def mean_loss(self) -> float | None:
+        """The mean step loss; None (missing) without steps or if any step's loss is not
+        finite (the training diverged): a NaN must never reach a heartbeat, an upload or a
+        round's metrics, where it would poison every mean (see :mod:`fedsrd_core.finite`)."""
+        if not self.losses or not all(math.isfinite(x) for x in self.losses):
+            return None
+        return sum(self.losses) / len(self.losses)
 
     @property
     def samples_per_second(self) -> float:
@@ -153,6 +188,31 @@ def client_seeds(run_seed: int, round: int, client: int) -> tuple[int, int]:
     the one rule that simulations, workers and agents share, so a client's round is
     reproducible wherever it runs."""
     return run_seed * 1_000_003 + round * 1009 + client, round * 1009 + client
+
+
+def trainable_examples(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    stats: RoundStats | None = None,
+) -> list[TokenizedExample]:
+    """``examples`` tokenised for training, without those that have no token to score (an
+    empty response after an empty prompt): a batch of only those would have a NaN loss.
+    Counts the truncated and the skipped in ``stats``; raises ``ValueError`` if none is left.
+    """
+    data: list[TokenizedExample] = []
+    for e in examples:
+        t = tokenize(e, tokenizer, seq_len)
+        if t.scored_tokens == 0:
+            if stats is not None:
+                stats.skipped += 1
+            continue
+        if stats is not None and t.truncated:
+            stats.truncated += 1
+        data.append(t)
+    if not data:
+        raise ValueError(f"none of the {len(examples)} local examples has a token to train on")
+    return data
 
 
 def local_round(
@@ -191,11 +251,11 @@ def local_round(
     )
     device = params[0].device
     pad_id = _pad_id(tokenizer)
-    data = [tokenize(e, tokenizer, config.seq_len) for e in examples]
+    stats = RoundStats()
+    data = trainable_examples(examples, tokenizer, config.seq_len, stats)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     order: list[int] = []
-    stats = RoundStats()
     t0 = time.perf_counter()
     model.train()
     for step in range(config.steps):
@@ -241,8 +301,8 @@ def evaluate_loss(
     """Mean response-token cross-entropy and perplexity on ``examples``.
 
     Token-weighted over the whole set (not a mean of batch means), so it does not depend on
-    the batch size. Raises ``ValueError`` when truncation to ``seq_len`` leaves no response
-    token to score.
+    the batch size. Long examples are cut as for training (:func:`tokenize`: the prompt's
+    start goes first). Raises ``ValueError`` when no example has a response token to score.
     """
     if not examples:
         raise ValueError("no evaluation examples")
@@ -265,9 +325,7 @@ def evaluate_loss(
         tokens += int((target != IGNORE_INDEX).sum())
     if tokens == 0:
         # A loss of 0 over no tokens would read as a perfect model.
-        raise ValueError(
-            f"no response token fits in seq_len={seq_len}: every prompt fills the sequence"
-        )
+        raise ValueError(f"no response token to score (seq_len={seq_len}): every response is empty")
     mean = total / tokens
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": float(tokens)}
 

@@ -125,6 +125,33 @@ def test_create_run_rejects_bad_models(api: Api, tmp_path):
     assert api.admin("GET", "/api/v1/runs").json()["count"] == 0
 
 
+def test_an_unloadable_model_is_named_without_the_servers_paths(api: Api, tmp_path, monkeypatch):
+    """A 422 for a model told a remote admin where the server keeps its Hugging Face cache
+    (and the snapshot directory it tried): it names the model and what is wrong only."""
+    from huggingface_hub import constants as hf_constants
+
+    from tests.api_support import small_run
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--fedsrd-test--broken"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{not json")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    for model, reason in [
+        ("fedsrd-test/not-cached", "neither a local directory nor a model"),
+        ("fedsrd-test/broken", "its config does not load"),
+    ]:
+        body = _err(api.admin("POST", "/api/v1/runs", json=small_run(model=model)), 422, model)
+        text = str(body["detail"])
+        assert reason in text, text
+        assert str(hub) not in text and "snapshots" not in text, text
+        assert str(api.settings.model_cache) not in text, text
+    assert api.admin("GET", "/api/v1/runs").json()["count"] == 0
+
+
 def test_malformed_json_and_wrong_content(api: Api):
     r = api.client.post(
         "/api/v1/runs",

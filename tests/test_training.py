@@ -21,7 +21,6 @@ from fedsrd_core.peft_lora import (
 from fedsrd_core.simulation import SimulationConfig, markdown_report, simulate, write_outputs
 from fedsrd_core.state import init_state, state_digest
 from fedsrd_core.strategies import RoundContext, Upload, get_strategy
-from fedsrd_core.tiny_assets import tiny_model_path
 from fedsrd_core.training import (
     IGNORE_INDEX,
     TrainConfig,
@@ -35,8 +34,8 @@ FAST = TrainConfig(steps=3, batch_size=4, seq_len=384, lr=5e-3)
 
 
 @pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return tiny_model_path(tmp_path_factory.mktemp("cache"))
+def tiny_path(tiny_model):
+    return tiny_model  # conftest's: built once per session for every test file
 
 
 @pytest.fixture
@@ -218,13 +217,15 @@ def test_simulation_end_to_end(tiny_path, tmp_path, strategy):
     assert [r.digest for r in again.rounds] == [r.digest for r in result.rounds]
 
 
-def test_evaluate_loss_refuses_when_truncation_leaves_no_response(peft_model):
+def test_evaluate_loss_refuses_when_there_is_no_response_to_score(peft_model):
     pm, tok = peft_model
     data = generate("arithmetic", 4, seed=2, split="eval")
     assert evaluate_loss(pm, tok, data, seq_len=384)["tokens"] > 0
-    # Before, this answered loss 0.0 (perplexity 1): a perfect score for scoring nothing.
-    with pytest.raises(ValueError, match="no response token fits in seq_len=8"):
-        evaluate_loss(pm, tok, data, seq_len=8)
+    # The prompts are cut from the left: even 8 tokens hold a response to score.
+    assert evaluate_loss(pm, tok, data, seq_len=8)["tokens"] > 0
+    # Before, nothing to score answered loss 0.0 (perplexity 1): a perfect score.
+    with pytest.raises(ValueError, match="no response token to score"):
+        evaluate_loss(pm, tok, [Example("", "", "")], seq_len=8)
 
 
 def test_throttled_passes_the_first_step_then_one_per_interval_and_the_final_step():

@@ -8,7 +8,6 @@ result (aggregation is deterministic; blobs are content-addressed; commits are c
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from functools import lru_cache
@@ -36,6 +35,7 @@ from api.services.states import (
 )
 from fedsrd_core.codec import LazyBlob, encode
 from fedsrd_core.data import Example, generate, partition_dirichlet, partition_iid
+from fedsrd_core.finite import finite_or_none
 from fedsrd_core.server import stream_server_round
 from fedsrd_core.strategies import RoundContext, Upload
 from fedsrd_core.training import (
@@ -65,7 +65,7 @@ def aggregate_round(rt: Runtime, round_id: int) -> None:
         run_id, number = _aggregate(rt, round_id)
     except Exception as e:
         log.exception("aggregation of round %d failed", round_id)
-        round_service.fail_aggregation(rt, round_id, f"{type(e).__name__}: {e}")
+        round_service.fail_aggregation(rt, round_id, round_service.failure_reason(e))
         return
     # After the round's commit (the next round is already open), the storage steps; a
     # failure in either is caught up on after the next round. First the uploads no longer
@@ -121,7 +121,8 @@ def _aggregate(rt: Runtime, round_id: int) -> tuple[int, int]:
     delta_ref = rt.blobs.put_pieces(done.delta_pieces)
     digest = done.digest
     t_end = time.perf_counter()
-    losses = [u.train_loss for u in updates if u.train_loss is not None]
+    # Rows stored before losses were sanitised may hold NaN (SQLite kept it): leave it out.
+    losses = [x for u in updates if (x := finite_or_none(u.train_loss)) is not None]
     metrics: dict[str, Any] = {
         "participants": [u.client_id for u in updates],
         "bytes_up": sum(u.size for u in updates),
@@ -223,7 +224,7 @@ def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
     # Progress as a real agent reports it (throttled): the dashboard shows the local round.
     def progress(step: int, loss: float) -> None:
         report: dict[str, Any] = {"round": number, "step": step, "steps": train.steps}
-        if math.isfinite(loss):
+        if finite_or_none(loss) is not None:
             report["loss"] = loss
         client_service.report_progress(rt, run_id, client_id, report)
 

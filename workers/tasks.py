@@ -42,7 +42,10 @@ def _fresh_runtime(**_: Any) -> None:
 def _check_schema(**_: Any) -> None:
     """Refuse to start on a database an upgrade forgot to migrate (in the parent process,
     before any fork: a throwaway engine, disposed)."""
-    engine = make_engine(Settings().resolved_database_url)
+    settings = Settings()
+    engine = make_engine(
+        settings.resolved_database_url, connect_timeout_s=settings.database_connect_timeout_s
+    )
     try:
         check_schema(engine)
     except SchemaBehindError as e:

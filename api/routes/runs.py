@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import AdminActor, AdminDep, RuntimeDep
 from api.errors import Conflict, NotFound
-from api.models import Client, Round, Run, utcnow
+from api.models import Client, Run, utcnow
 from api.runtime import Runtime
 from api.schemas import (
     MAX_INT,
@@ -66,14 +65,14 @@ def _one(rt: Runtime, run: Run) -> RunPublic:
     )
 
 
-def client_public(c: Client, run: Run, current: Round | None, now: dt.datetime) -> ClientPublic:
+def client_public(c: Client, liveness: str) -> ClientPublic:
     return ClientPublic(
         id=c.id,
         run_id=c.run_id,
         name=c.name,
         status=c.status,  # type: ignore[arg-type]
         simulated=c.simulated,
-        liveness=client_service.liveness(c, run, current, now),
+        liveness=liveness,
         created_at=c.created_at,
         last_seen_at=c.last_seen_at,
         rounds_done=c.rounds_done,
@@ -133,17 +132,16 @@ def enroll_client(
     run_id: RunId, body: ClientCreate, rt: RuntimeDep, actor: AdminActor
 ) -> ClientEnrolled:
     """Enroll a client; the response holds its token, shown this once."""
-    client, token = run_service.enroll_client(rt, run_id, body.name, actor)
-    run, current, _ = run_service.list_clients(rt, run_id)
-    pub = client_public(client, run, current, utcnow())
-    return ClientEnrolled(**pub.model_dump(), token=token)
+    client, token, liveness = run_service.enroll_client(rt, run_id, body.name, actor)
+    return ClientEnrolled(**client_public(client, liveness).model_dump(), token=token)
 
 
 @router.get("/{run_id}/clients")
 def list_clients(run_id: RunId, rt: RuntimeDep) -> ClientsPublic:
     run, current, rows = run_service.list_clients(rt, run_id)
     now = utcnow()
-    return ClientsPublic(data=[client_public(c, run, current, now) for c in rows], count=len(rows))
+    data = [client_public(c, client_service.liveness(c, run, current, now)) for c in rows]
+    return ClientsPublic(data=data, count=len(rows))
 
 
 @router.post("/{run_id}/clients/{client_id}/revoke")
@@ -154,8 +152,7 @@ def revoke_client(
     actor: AdminActor,
 ) -> ClientPublic:
     client = run_service.revoke_client(rt, run_id, client_id, actor)
-    run, current, _ = run_service.list_clients(rt, run_id)
-    return client_public(client, run, current, utcnow())
+    return client_public(client, "revoked")
 
 
 @router.post("/{run_id}/clients/{client_id}/token")
@@ -166,10 +163,8 @@ def rotate_client_token(
     actor: AdminActor,
 ) -> ClientEnrolled:
     """Replace a client's token; the response holds the new one, shown this once."""
-    client, token = run_service.rotate_client_token(rt, run_id, client_id, actor)
-    run, current, _ = run_service.list_clients(rt, run_id)
-    pub = client_public(client, run, current, utcnow())
-    return ClientEnrolled(**pub.model_dump(), token=token)
+    client, token, liveness = run_service.rotate_client_token(rt, run_id, client_id, actor)
+    return ClientEnrolled(**client_public(client, liveness).model_dump(), token=token)
 
 
 @router.get("/{run_id}/rounds")

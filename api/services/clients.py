@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 from api.errors import Conflict, Gone, NotFound, Unauthorized
 from api.models import Client, Round, Run, utcnow
 from api.runtime import Runtime
+from api.services.states import duration_of
+from fedsrd_core.finite import json_finite
 
 TOKEN_PREFIX = "fsc_"
 #: last_seen_at is refreshed at most this often, so 200 polling agents do not mean 200
@@ -128,7 +130,9 @@ def rotate_token(s: Session, client: Client) -> str:
 
 def record_progress(s: Session, client: Client, progress: dict[str, Any]) -> None:
     now = utcnow()
-    client.progress = {**progress, "at": now.isoformat()}
+    # A JSON column: no NaN (the request schema refuses them; simulated clients' reports
+    # come here directly).
+    client.progress = {**json_finite(progress), "at": now.isoformat()}
     client.last_seen_at = now
 
 
@@ -168,7 +172,7 @@ def liveness(client: Client, run: Run, current: Round | None, now: dt.datetime) 
         return "revoked"
     if run.status in ("completed", "cancelled"):
         return "finished"
-    timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
+    timeout = duration_of(run, "client_timeout_s", 300.0)
     if client.simulated:
         return "idle"
     seen = client.last_seen_at

@@ -17,12 +17,14 @@ import random
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.models import Client, Round, Run, Update, utcnow
 from api.runtime import Runtime, Transaction
 from api.services import clients as client_service
-from api.services.states import lora_parameters
+from api.services.states import duration_of, lora_parameters
+from fedsrd_core.finite import json_finite
 
 #: Bytes of one value in FedAvg's dense exchange (fp32 factors, as FedIT sends them).
 FEDAVG_VALUE_BYTES = 4
@@ -85,7 +87,7 @@ def _select_clients(s: Session, run: Run, number: int) -> list[int]:
 
 
 def deadline_from(run: Run, start: dt.datetime) -> dt.datetime:
-    return start + dt.timedelta(seconds=float(run.config["round_deadline_s"]))
+    return start + duration_of(run, "round_deadline_s", 600.0)
 
 
 def open_round(tx: Transaction, rt: Runtime, run: Run, number: int) -> Round:
@@ -162,11 +164,10 @@ def maybe_close(tx: Transaction, rt: Runtime, run: Run, rnd: Round) -> bool:
     if uploaded and not missing:
         close, reason = True, "all expected clients uploaded"
     elif len(uploaded) >= quorum:
-        timeout = dt.timedelta(seconds=float(run.config.get("client_timeout_s", 300.0)))
-        start_grace = run.config.get("start_grace_s")
+        timeout = duration_of(run, "client_timeout_s", 300.0)
         grace = (
-            dt.timedelta(seconds=float(start_grace))
-            if start_grace is not None
+            duration_of(run, "start_grace_s", 0.0)
+            if run.config.get("start_grace_s") is not None
             else rnd.deadline_at - rnd.opened_at
         )
         rows = s.scalars(select(Client).where(Client.id.in_(missing))).all()
@@ -252,7 +253,8 @@ def complete_aggregation(
         for old in prunable_snapshots(s, run.id, rnd.number, keep):
             old.snapshot_blob = None
         turnaround = None
-        rnd.metrics = {**rnd.metrics, **metrics}
+        # JSON columns: PostgreSQL refuses NaN (DataError), SQLite would keep it.
+        rnd.metrics = {**rnd.metrics, **json_finite(metrics)}
         traffic = round_traffic(
             lora_parameters(run), len(participants), int(metrics["bytes_up"]), delta[1]
         )
@@ -295,6 +297,22 @@ def prunable_snapshots(s: Session, run_id: int, newest: int, keep: int) -> list[
             )
         )
     )
+
+
+#: Longest exception text a run's ``status_reason`` (shown on the dashboard) quotes.
+_REASON_CHARS = 300
+
+
+def failure_reason(error: BaseException) -> str:
+    """What a run's ``status_reason`` says about ``error``: a short line for an admin. A
+    database error's text holds the whole SQL statement and its parameters, so it is named
+    by its class only; the full text goes to the log (the caller logs the traceback)."""
+    if isinstance(error, SQLAlchemyError):
+        orig = getattr(error, "orig", None)
+        kind = type(orig).__name__ if orig is not None else type(error).__name__
+        return f"database error ({kind}); details in the worker's log"
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
 
 
 def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:
@@ -342,8 +360,9 @@ def record_evaluation(
         )
         if rnd is None:
             return
-        extra = {"base_eval": base} if base is not None else {}
-        rnd.metrics = {**rnd.metrics, "eval": metrics, **extra}
+        extra = {"base_eval": json_finite(base)} if base is not None else {}
+        # A JSON column: PostgreSQL refuses NaN (a diverged model's loss), SQLite keeps it.
+        rnd.metrics = {**rnd.metrics, "eval": json_finite(metrics), **extra}
 
 
 def final_eval_losses(rt: Runtime, run_ids: list[int]) -> dict[int, float | None]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fedsrd_core.snapshot import snapshot_pieces
 from fedsrd_core.state import init_state, state_digest
 
 TINY = "tiny"
+log = logging.getLogger(__name__)
 
 
 def resolve_model(rt: Runtime, name: str) -> str:
@@ -49,6 +51,19 @@ def _fingerprint(path: str) -> str:
     return _FINGERPRINTS[key]
 
 
+def _unloadable(model: str, error: Exception) -> InvalidInput:
+    """The 422 for a model the server cannot load: it names the model and what is wrong with
+    it, never where the server looked (its cache directory, a resolved snapshot path, the
+    paths in a library's error); those go to the server's log."""
+    log.info("model %r does not load: %s", model, error)
+    reason = (
+        error.reason
+        if isinstance(error, ModelLoadError)
+        else "it is not a usable model directory or hub id"
+    )
+    return InvalidInput({"field": "model", "message": f"cannot load model {model!r}: {reason}"})
+
+
 def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
     """Validate the model against the LoRA settings and store the run (status ``created``).
 
@@ -65,7 +80,7 @@ def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
         )
         tokenizer = load_tokenizer(path)
     except (ModelLoadError, OSError) as e:  # OSError: e.g. a name too long for a path
-        raise InvalidInput({"field": "model", "message": f"cannot load {body.model!r}: {e}"}) from e
+        raise _unloadable(body.model, e) from e
     except LoraSettingError as e:
         raise InvalidInput({"field": f"lora.{e.setting}", "message": str(e)}) from e
     except ValueError as e:
@@ -85,7 +100,7 @@ def create(rt: Runtime, body: RunCreate, actor: Actor) -> Run:
     try:
         fingerprint = _fingerprint(path)
     except (ModelLoadError, OSError) as e:
-        raise InvalidInput({"field": "model", "message": f"cannot load {body.model!r}: {e}"}) from e
+        raise _unloadable(body.model, e) from e
     if body.model_fingerprint is not None and body.model_fingerprint != fingerprint:
         raise InvalidInput(
             {
@@ -250,9 +265,11 @@ def rounds_of(rt: Runtime, run_id: int) -> tuple[Run, list[tuple[Round, list[int
         return run, out
 
 
-def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Client, str]:
+def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Client, str, str]:
     """Enroll a client; a run that takes every client adds it to the open round too (a late
-    joiner catches up on the global state before it trains)."""
+    joiner catches up on the global state before it trains). Returns the client, its token
+    and its liveness, the last computed before the commit: the token is shown once, so
+    nothing may fail once the row is committed."""
     with rt.transaction() as tx:
         run = round_service.lock_run(tx.session, run_id)
         if run is None:
@@ -261,7 +278,12 @@ def enroll_client(rt: Runtime, run_id: int, name: str, actor: Actor) -> tuple[Cl
         if run.status == "running" and run.config.get("clients_per_round") is None:
             round_service.add_expected(tx.session, run, client.id)
         _audit_client(tx.session, actor, "enroll_client", client)
-        return client, token
+        live = _liveness(tx.session, run, client)
+        return client, token, live
+
+
+def _liveness(s: Session, run: Run, client: Client) -> str:
+    return client_service.liveness(client, run, round_service.current_round(s, run), utcnow())
 
 
 def revoke_client(rt: Runtime, run_id: int, client_id: int, actor: Actor) -> Client:
@@ -282,14 +304,17 @@ def revoke_client(rt: Runtime, run_id: int, client_id: int, actor: Actor) -> Cli
 
 def rotate_client_token(
     rt: Runtime, run_id: int, client_id: int, actor: Actor
-) -> tuple[Client, str]:
+) -> tuple[Client, str, str]:
     """A new token for a client (say, after the old one leaked); the old one stops working on
-    its next request. The agent keeps its state: it is the same client."""
+    its next request. The agent keeps its state: it is the same client. Returns the client,
+    its new token and its liveness (computed before the commit, as in enroll_client)."""
     with rt.transaction() as tx:
         client = client_service.get(tx.session, run_id, client_id)
         token = client_service.rotate_token(tx.session, client)
         _audit_client(tx.session, actor, "new_client_token", client)
-        return client, token
+        run = tx.session.get(Run, run_id)
+        assert run is not None  # the client belongs to it
+        return client, token, _liveness(tx.session, run, client)
 
 
 def _audit_client(s: Session, actor: Actor, action: str, client: Client) -> None:

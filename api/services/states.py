@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from typing import Any
 
 from api.models import Run
 from api.runtime import Runtime
+from api.schemas import MAX_DURATION_S
 from fedsrd_core.codec import ValueDType
 from fedsrd_core.snapshot import decode_global_delta, decode_snapshot, shape_state
 from fedsrd_core.state import GlobalState, state_digest
@@ -13,6 +16,19 @@ from fedsrd_core.strategies import Strategy, get_strategy
 
 # Header bytes per entry: name (<=65535), shape (8 dims x 8 bytes), counts and codes.
 _ENTRY_OVERHEAD = 256
+
+
+def duration_of(run: Run, key: str, default: float) -> dt.timedelta:
+    """A duration setting of ``run`` (seconds in its config) as a ``timedelta``.
+
+    Clamped to ``MAX_DURATION_S``, the bound new runs are validated against: a run stored
+    before that bound existed may hold ``1e300``, which ``timedelta`` cannot represent
+    (OverflowError), and every listing of its clients would fail. A value that is not a
+    number at all is a corrupt row and raises ``ValueError``."""
+    seconds = float(run.config.get(key, default))
+    if math.isnan(seconds):
+        raise ValueError(f"run {run.id}: {key} is not a number")
+    return dt.timedelta(seconds=min(max(seconds, 0.0), float(MAX_DURATION_S)))
 
 
 def layout_of(run: Run) -> dict[str, tuple[int, int]]:

@@ -34,6 +34,7 @@ from api.services import rounds as round_service
 from api.services import storage
 from api.services.states import upload_shapes, upload_size_cap, value_dtype_of
 from fedsrd_core.codec import EntryInfo, StreamValidator, WireFormatError
+from fedsrd_core.finite import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,9 @@ def record(
             size=blob.size,
             base_round=base_round,
             num_samples=num_samples,
-            train_loss=train_loss,
+            # Simulated clients come here without the route's check: a diverged loss is
+            # missing, as the HTTP path makes the agent send it (fedsrd_core.finite).
+            train_loss=finite_or_none(train_loss),
         )
         s.add(u)
         client_service.record_upload(s, client, blob.size)

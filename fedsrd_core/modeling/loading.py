@@ -79,7 +79,15 @@ _FINGERPRINT_DOMAIN: Final = b"fedsrd-model-v1"
 
 
 class ModelLoadError(ValueError):
-    """A base model or its tokenizer cannot be loaded (missing, not a causal LM, bad option)."""
+    """A base model or its tokenizer cannot be loaded (missing, not a causal LM, bad option).
+
+    The message says everything (where the model was looked for, the underlying error);
+    ``reason`` says what went wrong without a single file-system path, for a server to tell
+    a remote user (a cache directory's location is none of their business)."""
+
+    def __init__(self, message: str, *, reason: str = "it does not load") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def torch_dtype(dtype: ModelDType) -> torch.dtype:
@@ -132,7 +140,8 @@ def _locate(name_or_path: str, allow_download: bool) -> str:
         raise ModelLoadError(
             f"cannot load {name_or_path!r}: it is neither a local directory nor a model in the "
             f"local Hugging Face cache ({hf_constants.HF_HUB_CACHE}), and downloads are disabled "
-            "(pass a local directory, pre-populate the cache, or use allow_download=True)"
+            "(pass a local directory, pre-populate the cache, or use allow_download=True)",
+            reason="it is neither a local directory nor a model in the local Hugging Face cache",
         )
     return str(snapshot)
 
@@ -152,14 +161,18 @@ def _load_config(name_or_path: str, location: str, allow_download: bool) -> Pret
     except (OSError, ValueError, KeyError) as e:
         # OSError: not found / not reachable; ValueError: no or unknown `model_type`;
         # KeyError: a model_type this transformers version does not know.
-        raise ModelLoadError(f"{_failure(name_or_path, location, 'config')}: {e}") from e
+        raise ModelLoadError(
+            f"{_failure(name_or_path, location, 'config')}: {e}", reason="its config does not load"
+        ) from e
     if not isinstance(config, PretrainedConfig):  # pragma: no cover - defensive
         raise ModelLoadError(f"{name_or_path!r} did not load as a PretrainedConfig")
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        kind = f"{type(config).__name__}, model_type {config.model_type!r}"
         raise ModelLoadError(
             f"{name_or_path!r} is not a causal language model: its config class "
             f"{type(config).__name__} (model_type {config.model_type!r}) has no "
-            "AutoModelForCausalLM head"
+            "AutoModelForCausalLM head",
+            reason=f"it is not a causal language model ({kind})",
         )
     return config
 
@@ -184,7 +197,10 @@ def _load_model(
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         # RuntimeError: e.g. shapes in the checkpoint that disagree with its config.
-        raise ModelLoadError(f"{_failure(name_or_path, location, 'model weights')}: {e}") from e
+        raise ModelLoadError(
+            f"{_failure(name_or_path, location, 'model weights')}: {e}",
+            reason="its weights do not load",
+        ) from e
     if not isinstance(model, PreTrainedModel):  # pragma: no cover - defensive
         raise ModelLoadError(f"{name_or_path!r} did not load as a PreTrainedModel")
     model.eval()  # type: ignore[no-untyped-call]
@@ -241,7 +257,10 @@ def _load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=not allow_download)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"{_failure(name_or_path, location, 'tokenizer')}: {e}") from e
+        raise ModelLoadError(
+            f"{_failure(name_or_path, location, 'tokenizer')}: {e}",
+            reason="its tokenizer does not load",
+        ) from e
     if tokenizer.pad_token is None:
         # Batched training pads; labels of padded positions are masked, so which token pads
         # does not matter as long as it exists. EOS is the usual choice for decoder-only LMs.
