@@ -241,7 +241,7 @@ def test_a_run_stored_with_unbounded_durations_still_works(api: Api):
     cid, _ = api.enroll(run["id"], "second")
     listed = api.admin("GET", f"/api/v1/runs/{run['id']}/clients")
     assert listed.status_code == 200, listed.text
-    assert {c["liveness"] for c in listed.json()["data"]} == {"gone"}  # never seen yet
+    assert {c["liveness"] for c in listed.json()["data"]} == {"waiting"}  # never seen yet
     r = api.admin("POST", f"/api/v1/runs/{run['id']}/clients/{cid}/token")
     assert r.status_code == 200, r.text
     round_service.sweep(api.rt)  # the closing rule reads both durations

@@ -140,9 +140,6 @@ def _mean(values: dict[str, float]) -> float | None:
     return sum(values.values()) / len(values) if values else None
 
 
-_eval_loss = mean_eval_loss
-
-
 def base_eval(rounds: list[RoundPublic]) -> dict[str, float]:
     """The base model's eval loss per held-out set (recorded with round 1's evaluation)."""
     first = next((r for r in rounds if r.number == 1), None)
@@ -154,13 +151,15 @@ def eval_curve(rounds: list[RoundPublic]) -> list[tuple[float, float | None]]:
     its evaluation is recorded."""
     base = _mean(base_eval(rounds))
     head: list[tuple[float, float | None]] = [(0.0, base)] if base is not None else []
-    return head + [(float(r.number), _eval_loss(r.metrics)) for r in rounds if r.status == "closed"]
+    return head + [
+        (float(r.number), mean_eval_loss(r.metrics)) for r in rounds if r.status == "closed"
+    ]
 
 
 def final_eval(rounds: list[RoundPublic]) -> float | None:
     """Mean eval loss of the last closed round that has an evaluation."""
     for r in reversed(rounds):
-        if r.status == "closed" and (loss := _eval_loss(r.metrics)) is not None:
+        if r.status == "closed" and (loss := mean_eval_loss(r.metrics)) is not None:
             return loss
     return None
 
