@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kw in OPTIONS:
         p.add_argument(f"--{name}", **kw)
     p.add_argument("--log-json", action="store_true", help="structured logs (JSON lines)")
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let --model fetch a hub id that is not in the local Hugging Face cache "
+        "(off: the agent never goes to the Hub)",
+    )
     return p
 
 
@@ -103,6 +109,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             defaults[name.replace("-", "_")] = env
     if os.environ.get(ENV_PREFIX + "LOG_JSON"):
         defaults["log_json"] = True
+    if os.environ.get(ENV_PREFIX + "ALLOW_DOWNLOAD"):
+        defaults["allow_download"] = True
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.token_file:
@@ -256,7 +264,9 @@ def _load_model(args: argparse.Namespace, info: dict[str, Any]) -> tuple[Any, An
 
         name = str(tiny_model_path(args.model_cache))
     try:
-        model, tokenizer = load_causal_lm(name, device=args.device)
+        model, tokenizer = load_causal_lm(
+            name, device=args.device, allow_download=bool(args.allow_download)
+        )
     except ModelLoadError as e:
         raise AgentError(f"cannot load the base model: {e}") from e
     fingerprint = model_fingerprint(model)
@@ -461,10 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Quiet libraries: errors end in one line, and logs are the agent's own.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         args = parse_args(argv)
+        if not args.allow_download:  # read when huggingface_hub is imported (later, lazily)
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         setup_logging(args.log_json)
         return run_agent(args)
     except AgentError as e:

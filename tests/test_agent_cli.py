@@ -73,6 +73,11 @@ def test_bad_setups_end_in_one_line(embedded: System, tmp_path: Path):
     p = run_agent(agent_argv(s, token, data, state, "--model", str(other)))
     one_line_error(p, "model mismatch", "fingerprint")
 
+    # A hub id that is not cached: the line says how to get it, with options the agent has.
+    p = run_agent(agent_argv(s, token, data, state, "--model", "fedsrd-test/not-cached"))
+    line = one_line_error(p, "cannot load the base model", "fedsrd-test/not-cached")
+    assert "fedsrd-agent --allow-download" in line and "hf download" in line
+
     one_line_error(
         run_agent(agent_argv(s, token, tmp_path / "missing.jsonl", state)),
         "cannot use data file",
@@ -87,7 +92,8 @@ def test_bad_setups_end_in_one_line(embedded: System, tmp_path: Path):
 
     help_text = run_agent([sys.executable, "-m", "agent.cli", "--help"]).stdout
     for option in ("--server", "--token", "--data", "--model", "--state-dir", "--device",
-                   "--config", "--log-json", "--poll-wait", "--startup-timeout"):  # fmt: skip
+                   "--config", "--log-json", "--poll-wait", "--startup-timeout",
+                   "--allow-download", "--token-file"):  # fmt: skip
         assert option in help_text
 
 

@@ -140,7 +140,9 @@ def _locate(name_or_path: str, allow_download: bool) -> str:
         raise ModelLoadError(
             f"cannot load {name_or_path!r}: it is neither a local directory nor a model in the "
             f"local Hugging Face cache ({hf_constants.HF_HUB_CACHE}), and downloads are disabled "
-            "(pass a local directory, pre-populate the cache, or use allow_download=True)",
+            "(pass a local directory, fill the cache first with `hf download "
+            f"{name_or_path}`, or allow downloads: `fedsrd simulate --allow-download`, "
+            "`fedsrd-agent --allow-download`, `allow_download=True` in Python)",
             reason="it is neither a local directory nor a model in the local Hugging Face cache",
         )
     return str(snapshot)
