@@ -405,6 +405,8 @@ def test_run_page_shows_what_the_json_api_says(api: Api):
     share = 100 * run["bytes_saved"] / run["fedavg_equivalent_bytes"]
     assert f"{views.mib(run['bytes_saved'])} ({share:.1f}%)" in html
     assert html.count('<tr data-round="') == 2
+    # Why each round closed, as the rounds JSON says (both here: every client uploaded).
+    assert html.count('<td class="reason">all expected clients uploaded</td>') == 2
     assert html.count('<tr data-client="') == 2
     assert 'data-live-active="false"' in html  # completed, no evaluation pending
     assert f'href="/api/v1/runs/{created["id"]}/adapter"' in html

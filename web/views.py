@@ -85,6 +85,8 @@ class TimelineRow:
     #: Bar segments as fractions of the longest round shown: (collecting, aggregating).
     bar: tuple[float, float]
     error: str | None
+    #: Why it stopped collecting (all uploaded, quorum and the rest gone, deadline).
+    close_reason: str | None = None
 
 
 def timeline(rounds: list[RoundPublic], now: dt.datetime) -> list[TimelineRow]:
@@ -110,6 +112,9 @@ def timeline(rounds: list[RoundPublic], now: dt.datetime) -> list[TimelineRow]:
             aggregating_s=a,
             bar=(c / longest, (a or 0.0) / longest),
             error=r.error,
+            close_reason=(
+                str(r.metrics["close_reason"]) if r.metrics.get("close_reason") else None
+            ),
         )
         for r, c, a in rows
     ]
