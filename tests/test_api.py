@@ -695,3 +695,34 @@ def test_round_one_waits_for_every_site_through_the_start_grace(api: Api, grace:
     _age_last_seen(api, agents[2].info["client_id"], seconds=5)
     round_service.sweep(api.rt)
     assert "gone" in api.rounds(run_id)[1]["metrics"]["close_reason"]
+
+
+def test_a_failing_simulated_client_fails_its_round_and_run_visibly(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+):
+    """A training task that cannot succeed (here: local_round raises, as a model the strategy
+    cannot handle did) fails the round and the run with a short reason instead of leaving
+    the run running for ever; once the cause is gone, resume completes it."""
+    import workers.jobs as jobs
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("model factors differ from the state's")
+
+    real = jobs.local_round
+    monkeypatch.setattr(jobs, "local_round", broken)
+    body = {"rounds": 1, "simulation": {"clients": 2, "domains": ["arithmetic", "code"],
+                                       "examples_per_client": 4}}  # fmt: skip
+    run_id = api.create_run(**body, launch=True)["id"]
+    run = api.run(run_id)
+    assert run["status"] == "failed"
+    assert run["status_reason"].startswith("round 1: simulated client ")
+    assert "RuntimeError: model factors differ" in run["status_reason"]
+    (r1,) = api.rounds(run_id)
+    assert r1["status"] == "failed" and "RuntimeError" in r1["error"]
+    sign_in = api.client.post("/login", data={"token": ADMIN}, follow_redirects=False)
+    assert sign_in.status_code in (302, 303)
+    page = api.client.get(f"/runs/{run_id}", headers={"Accept": "text/html"}).text
+    assert '<p class="alert">round 1: simulated client' in page
+    monkeypatch.setattr(jobs, "local_round", real)
+    assert api.admin("POST", f"/api/v1/runs/{run_id}/resume").status_code == 200
+    assert api.run(run_id)["status"] == "completed"

@@ -193,7 +193,21 @@ def simulated_data(run: Run, index: int) -> list[Example]:
 
 def train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
     """Play simulated client ``client_id`` in round ``number``: the same local round and the
-    same upload path as a real agent."""
+    same upload path as a real agent.
+
+    A failure (a model the strategy cannot handle, a bug) would recur on every retry, and
+    the round would wait for this client for ever (a simulated client is never "gone"): it
+    fails the round and the run instead, with a short reason on both (the traceback goes to
+    the worker's log), resumable by an admin once the cause is fixed."""
+    try:
+        _train_client(rt, run_id, client_id, number)
+    except Exception as e:
+        log.exception("simulated client %d, round %d: training failed", client_id, number)
+        reason = f"simulated client {client_id} failed: {round_service.failure_reason(e)}"
+        round_service.fail_open_round(rt, run_id, number, reason)
+
+
+def _train_client(rt: Runtime, run_id: int, client_id: int, number: int) -> None:
     with rt.sessions() as s:
         run = s.get(Run, run_id)
         client = s.get(Client, client_id)

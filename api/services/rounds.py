@@ -328,6 +328,28 @@ def fail_aggregation(rt: Runtime, round_id: int, error: str) -> None:
         run.version = run.version + 1
 
 
+def fail_open_round(rt: Runtime, run_id: int, number: int, error: str) -> None:
+    """A task the open round ``number`` needs cannot succeed (a simulated client's training
+    fails): the round and the run fail with ``error``, resumable (the round reopens with
+    the updates it has). Nothing happens if the round is no longer open."""
+    with rt.transaction() as tx:
+        s = tx.session
+        run = lock_run(s, run_id)
+        if run is None or run.status != "running":
+            return
+        rnd = s.scalar(
+            select(Round).where(Round.run_id == run_id, Round.number == number).with_for_update()
+        )
+        if rnd is None or rnd.status != "open":
+            return
+        rnd.status = "failed"
+        rnd.closed_at = utcnow()
+        rnd.error = error
+        run.status = "failed"
+        run.status_reason = f"round {number}: {error}"
+        run.version = run.version + 1
+
+
 def mean_eval_loss(metrics: dict[str, Any], key: str = "eval") -> float | None:
     """Mean loss over the held-out sets of a round's ``metrics[key]`` (``{set: {"loss": x,
     ...}}``, as :func:`record_evaluation` stores it); None without a finite one."""
