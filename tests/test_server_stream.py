@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -79,6 +81,7 @@ def test_streamed_round_is_bit_identical_to_the_whole_state_round(name: str, vd:
         uploads = uploads_for(name, state, round_)
         down, snapshot, digest = whole_state_round(name, state, uploads, ctx)
         pieces: list[bytes] = []
+        t0 = time.perf_counter()
         got = stream_server_round(
             get_strategy(name),
             memoryview(encode_snapshot(state)),
@@ -88,6 +91,11 @@ def test_streamed_round_is_bit_identical_to_the_whole_state_round(name: str, vd:
             ctx,
             lambda p, out=pieces: out.append(bytes(p)),
         )
+        wall = time.perf_counter() - t0
+        # Its parts' times: each measured, together no more than the call took.
+        assert set(got.timings) == {"server_round_s", "encode_s", "apply_s", "write_s"}
+        assert all(v >= 0 for v in got.timings.values())
+        assert sum(got.timings.values()) <= wall
         assert got.delta_blob == down
         assert b"".join(pieces) == snapshot
         assert got.snapshot_bytes == len(snapshot)

@@ -134,6 +134,9 @@ def _aggregate(rt: Runtime, round_id: int) -> tuple[int, int]:
             "load_state_s": t_decode - t0,  # the rows; the state is read as it streams
             "read_uploads_s": t_server - t_decode,  # read and parse; decoding is lazy
             "server_step_s": t_store - t_server,  # incl. reading and writing the snapshot
+            # Its parts (fedsrd_core.server.StreamedRound.timings): the strategy's math with
+            # the uploads' lazy decoding, the delta's encoding, applying it, the snapshot.
+            **{f"step_{k}": round(v, 6) for k, v in done.timings.items()},
             "store_s": t_end - t_store,  # its commit (fsync, rename) and the delta's
             "aggregate_s": t_end - t0,
         },
