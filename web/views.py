@@ -9,10 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from api.schemas import ClientPublic, RoundPublic, RunPublic
-from api.services.rounds import mean_eval_loss
+from api.services.rounds import eval_losses, mean_eval_loss
 from web.charts import Chart, Series, chart
 
 MIB = float(1 << 20)
@@ -125,20 +124,6 @@ def timeline(rounds: list[RoundPublic], now: dt.datetime) -> list[TimelineRow]:
 PALETTE = ("s1", "s2", "s3", "s4", "s5", "s6")
 #: Most runs one comparison shows (one colour each).
 MAX_COMPARED = len(PALETTE)
-
-
-def eval_losses(metrics: dict[str, Any], key: str = "eval") -> dict[str, float]:
-    """Eval loss per held-out set of one round's metrics (``key``: ``"eval"`` after the round,
-    ``"base_eval"`` for the base model, which round 1 carries); non-finite values left out."""
-    ev = metrics.get(key)
-    if not isinstance(ev, dict):
-        return {}
-    out = {}
-    for name, v in ev.items():
-        loss = v.get("loss") if isinstance(v, dict) else None
-        if isinstance(loss, int | float) and math.isfinite(loss):
-            out[str(name)] = float(loss)
-    return out
 
 
 def _mean(values: dict[str, float]) -> float | None:

@@ -350,20 +350,25 @@ def fail_open_round(rt: Runtime, run_id: int, number: int, error: str) -> None:
         run.version = run.version + 1
 
 
-def mean_eval_loss(metrics: dict[str, Any], key: str = "eval") -> float | None:
-    """Mean loss over the held-out sets of a round's ``metrics[key]`` (``{set: {"loss": x,
-    ...}}``, as :func:`record_evaluation` stores it); None without a finite one."""
+def eval_losses(metrics: dict[str, Any], key: str = "eval") -> dict[str, float]:
+    """Loss per held-out set of a round's ``metrics[key]`` (``{set: {"loss": x, ...}}``, as
+    :func:`record_evaluation` stores it: ``"eval"`` after the round, ``"base_eval"`` for the
+    base model, which round 1 carries); sets without a finite loss are left out."""
     ev = metrics.get(key)
     if not isinstance(ev, dict):
-        return None
-    losses = [
-        float(v["loss"])
-        for v in ev.values()
-        if isinstance(v, dict)
-        and isinstance(v.get("loss"), int | float)
-        and math.isfinite(v["loss"])
-    ]
-    return sum(losses) / len(losses) if losses else None
+        return {}
+    out = {}
+    for name, v in ev.items():
+        loss = v.get("loss") if isinstance(v, dict) else None
+        if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss):
+            out[str(name)] = float(loss)
+    return out
+
+
+def mean_eval_loss(metrics: dict[str, Any], key: str = "eval") -> float | None:
+    """Mean of :func:`eval_losses` over the held-out sets; None without a finite one."""
+    losses = eval_losses(metrics, key)
+    return sum(losses.values()) / len(losses) if losses else None
 
 
 def record_evaluation(
