@@ -126,10 +126,6 @@ PALETTE = ("s1", "s2", "s3", "s4", "s5", "s6")
 MAX_COMPARED = len(PALETTE)
 
 
-def _mean(values: dict[str, float]) -> float | None:
-    return sum(values.values()) / len(values) if values else None
-
-
 def base_eval(rounds: list[RoundPublic]) -> dict[str, float]:
     """The base model's eval loss per held-out set (recorded with round 1's evaluation)."""
     first = next((r for r in rounds if r.number == 1), None)
@@ -139,7 +135,8 @@ def base_eval(rounds: list[RoundPublic]) -> dict[str, float]:
 def eval_curve(rounds: list[RoundPublic]) -> list[tuple[float, float | None]]:
     """(round, mean eval loss) of every closed round, with the base model as round 0 when
     its evaluation is recorded."""
-    base = _mean(base_eval(rounds))
+    first = next((r for r in rounds if r.number == 1), None)
+    base = mean_eval_loss(first.metrics, "base_eval") if first is not None else None
     head: list[tuple[float, float | None]] = [(0.0, base)] if base is not None else []
     return head + [
         (float(r.number), mean_eval_loss(r.metrics)) for r in rounds if r.status == "closed"
